@@ -1,0 +1,94 @@
+"""metal-guard: a safety layer for MLX on Apple Silicon.
+
+``import metal_guard`` is free: it imports neither ``mlx`` nor ``wrapt`` and does no I/O.
+Public names are loaded from their submodules on first attribute access (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from metal_guard._version import __version__
+
+# name -> submodule that defines it. The single source of the public API.
+_EXPORTS: dict[str, str] = {}
+
+
+def _export(module: str, *names: str) -> None:
+    for name in names:
+        _EXPORTS[name] = module
+
+
+_export(
+    "metal_guard.errors",
+    "AdapterError",
+    "CadenceViolation",
+    "CrossModelCadenceViolation",
+    "KnownPanicModelError",
+    "MLXCooldownActive",
+    "MLXLockConflict",
+    "MetalGuardError",
+    "MetalOOMError",
+    "ModelDoesNotFitError",
+    "PanicCooldownActive",
+    "SettingsError",
+    "SubprocessCrashError",
+    "SubprocessTimeoutError",
+    "WorkerError",
+)
+_export("metal_guard.settings", "Settings", "get_settings")
+_export(
+    "metal_guard.classify",
+    "ErrorClass",
+    "classify_mlx_error",
+    "detect_panic_signature",
+    "is_kernel_panic_signature",
+    "is_metal_oom",
+    "is_process_abort_signature",
+)
+_export("metal_guard.breadcrumbs", "breadcrumb", "breadcrumb_with_meta")
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'metal_guard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover - static view of the lazy names
+    from metal_guard.breadcrumbs import breadcrumb, breadcrumb_with_meta
+    from metal_guard.classify import (
+        ErrorClass,
+        classify_mlx_error,
+        detect_panic_signature,
+        is_kernel_panic_signature,
+        is_metal_oom,
+        is_process_abort_signature,
+    )
+    from metal_guard.errors import (
+        AdapterError,
+        CadenceViolation,
+        CrossModelCadenceViolation,
+        KnownPanicModelError,
+        MetalGuardError,
+        MetalOOMError,
+        MLXCooldownActive,
+        MLXLockConflict,
+        ModelDoesNotFitError,
+        PanicCooldownActive,
+        SettingsError,
+        SubprocessCrashError,
+        SubprocessTimeoutError,
+        WorkerError,
+    )
+    from metal_guard.settings import Settings, get_settings

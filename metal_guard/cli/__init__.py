@@ -1,0 +1,128 @@
+"""The ``metal-guard`` command line.
+
+Every subcommand lives in a submodule of this package that exposes ``register(subparsers)``
+and sets ``func(args) -> int`` on its parser. ``--json`` works before or after the
+subcommand. Exit codes come from one table (:data:`EXIT_CODES`, also in the README); a usage
+error is 64 and never collides with a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from metal_guard._version import __version__
+
+EXIT_OK = 0
+EXIT_WARN = 1
+EXIT_COOLDOWN = 2
+EXIT_GATE_BROKEN = 3
+EXIT_FAILED = 4
+EXIT_BLOCKED = 10
+EXIT_FAIL_OPEN = 11
+EXIT_USAGE = 64
+EXIT_INTERNAL = 70
+
+#: code -> meaning; rendered into README/docs and checked by tests.
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success / proceed / healthy",
+    EXIT_WARN: "finding that needs attention (panics in window, orphans found, advisory found)",
+    EXIT_COOLDOWN: "panic cooldown or lockout active: do not start MLX work",
+    EXIT_GATE_BROKEN: "the gate could not evaluate (e.g. a configured reports dir is unreadable)",
+    EXIT_FAILED: "the command failed (I/O error, invalid input file, worker failure)",
+    EXIT_BLOCKED: "mlx-safe-python: blocked by an active cooldown",
+    EXIT_FAIL_OPEN: "mlx-safe-python: gate broken, command ran anyway (fail-open)",
+    EXIT_USAGE: "usage error (bad arguments or configuration)",
+    EXIT_INTERNAL: "internal error (a bug: please report it)",
+}
+
+#: Submodules that contribute subcommands, in help order.
+_COMMAND_MODULES: tuple[str, ...] = (
+    "metal_guard.cli.doctor",
+)
+
+#: The subcommand run when none is given (the seed runs ``status``).
+DEFAULT_COMMAND = "status"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error; ours exits 64 (EX_USAGE)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable JSON output")
+    parser = _Parser(
+        prog="metal-guard",
+        description="GPU safety layer for MLX on Apple Silicon.",
+        parents=[common],
+        epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
+    )
+    parser.add_argument("--version", action="version", version=f"metal-guard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub._metal_guard_common = common  # type: ignore[attr-defined]
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def add_command(subparsers: Any, name: str, *, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """Add a subcommand parser that also accepts ``--json`` after the subcommand name."""
+    parents = [getattr(subparsers, "_metal_guard_common")]
+    return subparsers.add_parser(name, help=help, description=help, parents=parents, **kwargs)  # type: ignore[no-any-return]
+
+
+def emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    """Print ``payload`` as JSON with ``--json``, else ``text``."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    else:
+        print(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``metal-guard`` console script; returns the exit code
+    (console scripts pass it to ``sys.exit``)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    known = set(parser._subparsers._group_actions[0].choices) if parser._subparsers else set()  # type: ignore[union-attr]
+    if not any(a in known for a in args_list) and not any(a in ("-h", "--help", "--version") for a in args_list):
+        if DEFAULT_COMMAND in known:
+            args_list = [*args_list, DEFAULT_COMMAND]
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # --help / --version / usage error
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if getattr(args, "json", None) is None:
+        args.json = False
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    from metal_guard.errors import SettingsError
+
+    try:
+        return int(func(args))
+    except SettingsError as exc:
+        print(f"metal-guard: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:
+        logging.getLogger("metal_guard.cli").debug("internal error", exc_info=True)
+        print(f"metal-guard: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+

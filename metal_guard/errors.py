@@ -1,0 +1,278 @@
+"""The metal-guard exception hierarchy.
+
+Every exception the package raises on purpose derives from :class:`MetalGuardError`, and
+also from the builtin a caller would naturally catch (``MemoryError`` for memory refusals,
+``RuntimeError`` for GPU failures and refusals, ``TimeoutError`` for timeouts), so code
+written against plain MLX keeps working.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from metal_guard.classify import ErrorClass
+
+__all__ = [
+    "AdapterError",
+    "CadenceViolation",
+    "CrossModelCadenceViolation",
+    "KnownPanicModelError",
+    "MLXCooldownActive",
+    "MLXLockConflict",
+    "MetalGuardError",
+    "MetalOOMError",
+    "ModelDoesNotFitError",
+    "PanicCooldownActive",
+    "SettingsError",
+    "SubprocessCrashError",
+    "SubprocessTimeoutError",
+    "WorkerError",
+]
+
+
+class MetalGuardError(Exception):
+    """Base class of every error metal-guard raises on purpose."""
+
+
+class SettingsError(MetalGuardError, ValueError):
+    """A configuration value (environment variable or keyword) is invalid.
+
+    ``variable`` names the offending setting and ``accepted`` describes the accepted form.
+    """
+
+    def __init__(self, variable: str, value: object, accepted: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.accepted = accepted
+        super().__init__(f"invalid value {value!r} for {variable}: expected {accepted}")
+
+
+class MetalOOMError(MetalGuardError, MemoryError, RuntimeError):
+    """A GPU out-of-memory condition, made catchable.
+
+    It is both a ``MemoryError`` and a ``RuntimeError`` so that handlers written for MLX's raw
+    ``RuntimeError`` and handlers written for Python's ``MemoryError`` both catch it.
+    ``stats`` is a :class:`metal_guard.memory.MemoryStats` snapshot (or ``None``) and
+    ``error_class`` the classifier's verdict (or ``None``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stats: Any = None,
+        error_class: ErrorClass | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.stats = stats
+        self.error_class = error_class
+        self.attempts = attempts
+
+
+class ModelDoesNotFitError(MetalGuardError, MemoryError):
+    """``require_fit`` refused a load: the model does not fit in the available GPU memory."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model_name: str = "",
+        required_bytes: int | None = None,
+        available_bytes: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.model_name = model_name
+        self.required_bytes = required_bytes
+        self.available_bytes = available_bytes
+
+
+class CadenceViolation(MetalGuardError, RuntimeError):
+    """The same model was loaded less than ``min_interval`` seconds ago (L9)."""
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        last_ts: float,
+        min_interval: float,
+        delta: float,
+        message: str | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.last_ts = last_ts
+        self.min_interval = min_interval
+        self.delta = delta
+        self.remaining_sec = max(0.0, min_interval - delta)
+        super().__init__(
+            message
+            or (
+                f"cadence: {model_id!r} was loaded {delta:.1f}s ago; the minimum interval is "
+                f"{min_interval:.0f}s, retry in {self.remaining_sec:.1f}s"
+            )
+        )
+
+
+class CrossModelCadenceViolation(CadenceViolation):
+    """Another model was loaded less than ``cross_model_interval`` seconds ago (L9)."""
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        last_model: str,
+        last_ts: float,
+        cross_model_interval: float,
+        delta: float,
+    ) -> None:
+        self.last_model = last_model
+        self.cross_model_interval = cross_model_interval
+        remaining = max(0.0, cross_model_interval - delta)
+        super().__init__(
+            model_id,
+            last_ts=last_ts,
+            min_interval=cross_model_interval,
+            delta=delta,
+            message=(
+                f"cross-model cadence: {last_model!r} was loaded {delta:.1f}s ago; loading "
+                f"{model_id!r} needs {cross_model_interval:.0f}s between models, retry in "
+                f"{remaining:.1f}s"
+            ),
+        )
+
+
+class MLXLockConflict(MetalGuardError, RuntimeError):
+    """The cross-process MLX lock (L8) is held by another process; ``holder`` describes it."""
+
+    def __init__(self, holder: dict[str, Any] | None, message: str | None = None) -> None:
+        self.holder = dict(holder or {})
+        if message is None:
+            who = self.holder.get("pid", "unknown pid")
+            label = self.holder.get("label", "")
+            message = f"MLX lock is held by pid {who}" + (f" ({label})" if label else "")
+        super().__init__(message)
+
+
+class MLXCooldownActive(MetalGuardError, RuntimeError):
+    """The circuit breaker (L9) is cooling down after a cluster of GPU panics or crashes."""
+
+    def __init__(
+        self,
+        *,
+        remaining_sec: float,
+        cooldown_until: float | None = None,
+        panic_count: int = 0,
+        window_sec: float = 0.0,
+        message: str | None = None,
+    ) -> None:
+        self.remaining_sec = max(0.0, remaining_sec)
+        self.cooldown_until = cooldown_until
+        self.panic_count = panic_count
+        self.window_sec = window_sec
+        super().__init__(
+            message
+            or (
+                f"MLX cooldown active after {panic_count} GPU failure(s): "
+                f"{self.remaining_sec:.0f}s remaining"
+            )
+        )
+
+
+class PanicCooldownActive(MLXCooldownActive):
+    """The post-reboot panic gate (L10) says MLX work must not start yet."""
+
+    def __init__(self, verdict: Any) -> None:
+        self.verdict = verdict
+        until = getattr(verdict, "cooldown_until", None)
+        remaining = getattr(verdict, "remaining_sec", None)
+        super().__init__(
+            remaining_sec=float(remaining or 0.0),
+            cooldown_until=until if isinstance(until, float) else None,
+            panic_count=int(getattr(verdict, "recent_panics_72h", 0) or 0),
+            message=f"panic gate: {getattr(verdict, 'reason', 'cooldown active')}",
+        )
+
+
+class KnownPanicModelError(MetalGuardError, RuntimeError):
+    """Loading a model listed with ``tier="panic"`` in the registry was refused."""
+
+    def __init__(self, model_id: str, advisory: dict[str, Any] | None = None) -> None:
+        self.model_id = model_id
+        self.advisory = dict(advisory or {})
+        hint = self.advisory.get("recommendation") or "see metal-guard check-model"
+        super().__init__(
+            f"{model_id!r} is a known kernel-panic model on Apple Silicon; refused in defensive "
+            f"mode (allow with allow_panic_models=True or METALGUARD_ALLOW_PANIC_MODELS=1). {hint}"
+        )
+
+
+def signal_name(exitcode: int | None) -> str | None:
+    """Return ``"SIGSEGV"`` for a process exit code of ``-11`` (and ``None`` otherwise)."""
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return _signal.Signals(-exitcode).name
+    except ValueError:
+        return f"SIG{-exitcode}"
+
+
+class SubprocessCrashError(MetalGuardError, RuntimeError):
+    """An isolated worker process died (L7).
+
+    ``error_class`` is the classifier's verdict on the exit signal and the worker's last words;
+    ``recovery_hint`` tells the caller what to do next (``respawn_now``, ``wait_lockout`` ...).
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        exitcode: int | None,
+        detail: str = "",
+        *,
+        signal: str | None = None,
+        error_class: ErrorClass | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.exitcode = exitcode
+        self.signal = signal or signal_name(exitcode)
+        self.detail = detail
+        if error_class is None:
+            from metal_guard.classify import classify_crash
+
+            error_class = classify_crash(exitcode, detail)
+        self.error_class = error_class
+        self.recovery_hint = error_class.recovery_hint if error_class else "unknown"
+        how = f"signal {self.signal}" if self.signal else f"exit code {exitcode}"
+        cls = f" [{error_class.name}]" if error_class else ""
+        tail = f": {detail.strip().splitlines()[-1][:300]}" if detail.strip() else ""
+        super().__init__(f"worker for {model_id!r} died with {how}{cls}{tail}")
+
+
+class SubprocessTimeoutError(MetalGuardError, TimeoutError):
+    """An isolated worker made no progress within its timeout and was killed (L7)."""
+
+    def __init__(self, model_id: str, timeout: float, phase: str = "generate") -> None:
+        self.model_id = model_id
+        self.timeout = timeout
+        self.phase = phase
+        super().__init__(
+            f"worker for {model_id!r} made no progress for {timeout:.1f}s during {phase}; killed"
+        )
+
+
+class WorkerError(MetalGuardError, RuntimeError):
+    """An exception raised inside an isolated worker that has no more specific mapping.
+
+    ``exc_type`` is the worker-side type name and ``worker_traceback`` its formatted traceback.
+    """
+
+    def __init__(self, message: str, *, exc_type: str = "", worker_traceback: str = "") -> None:
+        self.exc_type = exc_type
+        self.worker_traceback = worker_traceback
+        super().__init__(message)
+
+
+class AdapterError(MetalGuardError, RuntimeError):
+    """``install(strict=True)`` could not patch a requested adapter (its targets moved)."""

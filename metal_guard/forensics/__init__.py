@@ -1,0 +1,1 @@
+"""Forensics: macOS panic/crash reports, the post-reboot gate, orphans, postmortem, feedback."""

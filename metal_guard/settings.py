@@ -1,0 +1,405 @@
+"""The one place that reads the environment.
+
+:func:`get_settings` builds a frozen :class:`Settings` from keyword overrides, then
+``METALGUARD_*`` / ``MLX_*`` environment variables, then defaults, every time it is called:
+nothing is frozen at import, so a test or an operator can change the environment and the
+next call sees it. Every variable is parsed and validated here; a bad value raises
+:class:`~metal_guard.errors.SettingsError` naming the variable and the accepted form, except
+the few variables documented (in ``docs/configuration.md``) as falling back with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metal_guard.errors import SettingsError
+
+log = logging.getLogger("metal_guard.settings")
+
+APP_NAME = "metal-guard"
+DEFENSIVE = "defensive"
+OBSERVER = "observer"
+MODES = (DEFENSIVE, OBSERVER)
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+def default_report_dirs() -> tuple[Path, ...]:
+    """Default macOS diagnostic-report directories (system and per-user, with Retired/)."""
+    home = Path.home()
+    return (
+        Path("/Library/Logs/DiagnosticReports"),
+        Path("/Library/Logs/DiagnosticReports/Retired"),
+        home / "Library/Logs/DiagnosticReports",
+        home / "Library/Logs/DiagnosticReports/Retired",
+    )
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(name, raw, "one of 1/true/yes/on or 0/false/no/off")
+
+
+def parse_float(name: str, raw: str, *, minimum: float = 0.0, allow_equal: bool = True) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(name, raw, f"a number >= {minimum:g}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SettingsError(name, raw, f"a finite number >= {minimum:g}")
+    if value < minimum or (not allow_equal and value == minimum):
+        op = ">=" if allow_equal else ">"
+        raise SettingsError(name, raw, f"a number {op} {minimum:g}")
+    return value
+
+
+def parse_int(name: str, raw: str, *, minimum: int = 0) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(name, raw, f"a whole number >= {minimum}") from None
+    if value < minimum:
+        raise SettingsError(name, raw, f"a whole number >= {minimum}")
+    return value
+
+
+def parse_path(name: str, raw: str) -> Path:
+    raw = raw.strip()
+    if not raw or "\x00" in raw:
+        raise SettingsError(name, raw, "a non-empty filesystem path")
+    return Path(raw).expanduser()
+
+
+def parse_paths(name: str, raw: str) -> tuple[Path, ...]:
+    parts = [p for p in raw.split(os.pathsep) if p.strip()]
+    if not parts:
+        raise SettingsError(name, raw, f"one or more paths separated by {os.pathsep!r}")
+    return tuple(parse_path(name, p) for p in parts)
+
+
+def parse_names(name: str, raw: str) -> frozenset[str]:
+    names = frozenset(p.strip().lower().replace("-", "_") for p in raw.split(",") if p.strip())
+    for item in names:
+        if not item.replace("_", "").replace(".", "").replace("*", "").isalnum():
+            raise SettingsError(name, raw, "a comma-separated list of adapter names")
+    return names
+
+
+def parse_mode(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value in MODES:
+        return value
+    # Documented fallback: a typo in the mode must not disable protection.
+    log.warning("%s=%r is not one of %s; using %r", name, raw, "/".join(MODES), DEFENSIVE)
+    return DEFENSIVE
+
+
+PROCESS_MODES = ("server", "embedded", "notebook", "cli", "subprocess_worker")
+
+
+def parse_process_mode(name: str, raw: str) -> str | None:
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value not in PROCESS_MODES:
+        raise SettingsError(name, raw, "one of " + "/".join(PROCESS_MODES))
+    return value
+
+
+# --------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class _Var:
+    env: str
+    field: str
+    parse: Any
+    default: Any
+    doc: str
+
+
+def _f(minimum: float = 0.0, allow_equal: bool = True) -> Any:
+    return lambda n, r: parse_float(n, r, minimum=minimum, allow_equal=allow_equal)
+
+
+def _i(minimum: int = 0) -> Any:
+    return lambda n, r: parse_int(n, r, minimum=minimum)
+
+
+#: Every environment variable metal-guard reads. docs/configuration.md is generated from (and
+#: tested against) this table.
+VARIABLES: tuple[_Var, ...] = (
+    _Var("METALGUARD_DISABLED", "disabled", parse_bool, False,
+         "Kill switch: install(), autoload and the adapters do nothing; beats code."),
+    _Var("METALGUARD_MODE", "mode", parse_mode, DEFENSIVE,
+         "L6 posture: `defensive` refuses/cleans up, `observer` records and lets calls through. Invalid value: warning, falls back to defensive."),
+    _Var("METALGUARD_HOME", "home", parse_path, None,
+         "Relocates all state and cache files (state in HOME/state, cache in HOME/cache)."),
+    _Var("METALGUARD_DEBUG", "debug", parse_bool, False,
+         "Attach a stderr handler to the `metal_guard` logger (the library never configures logging otherwise)."),
+    _Var("METALGUARD_BREADCRUMB_PATH", "breadcrumb_path", parse_path, None,
+         "Breadcrumb log file (default: <state>/metal_breadcrumb.log)."),
+    _Var("METALGUARD_BREADCRUMB_MAX_BYTES", "breadcrumb_max_bytes", _i(4096), 5_000_000,
+         "Rotate the breadcrumb log when it grows past this size (one .1 backup kept)."),
+    _Var("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", "diagnostic_reports_dirs", parse_paths, None,
+         "os.pathsep-separated directories scanned for .panic/.ips reports (default: system and per-user DiagnosticReports incl. Retired/)."),
+    # L8 lock
+    _Var("MLX_LOCK_PATH", "lock_path", parse_path, None,
+         "L8 lock file (default: <state>/mlx_exclusive.lock); the holder sidecar sits next to it."),
+    _Var("MLX_FORCE_WAIT_SEC", "force_wait_sec", _f(), 30.0,
+         "L8 force=True: seconds to wait for the SIGTERMed holder to exit."),
+    _Var("MLX_RECLAIM_COOLDOWN_SEC", "reclaim_cooldown_sec", _f(), 8.0,
+         "L8 force=True: sleep after reclaiming from a live holder."),
+    # L9 cadence
+    _Var("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "cadence_min_interval_sec", _f(), 180.0,
+         "L9 minimum seconds between two loads of the same model."),
+    _Var("METALGUARD_CROSS_MODEL_INTERVAL", "cross_model_interval_sec", _f(), 0.0,
+         "L9 minimum seconds between loads of different models (0 = off; gemma-4 keeps its 90 s floor)."),
+    _Var("METALGUARD_GEMMA4_FIRSTGEN_DISABLED", "gemma4_firstgen_disabled", parse_bool, False,
+         "C7: disable the flush + sleep before a gemma-4 model's first generation."),
+    _Var("METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC", "gemma4_firstgen_sleep_sec", _f(), 3.0,
+         "C7: sleep after the first-generation flush of a gemma-4 model."),
+    # L9 breaker
+    _Var("METALGUARD_BREAKER_WINDOW_SEC", "breaker_window_sec", _f(1.0), 3600.0,
+         "L9 circuit breaker: window in which panics/crashes are counted."),
+    _Var("METALGUARD_BREAKER_THRESHOLD", "breaker_panic_threshold", _i(1), 2,
+         "L9 circuit breaker: failures within the window that trip it."),
+    _Var("METALGUARD_BREAKER_COOLDOWN_SEC", "breaker_cooldown_sec", _f(), 3600.0,
+         "L9 circuit breaker: how long it stays open once tripped."),
+    # L10 gate
+    _Var("METALGUARD_PANIC_COOLDOWN_STAGE1_H", "panic_cooldown_stage1_h", _f(), 2.0,
+         "L10: cooldown after one GPU kernel panic in 24 h."),
+    _Var("METALGUARD_PANIC_LOCKOUT_24H_N", "panic_lockout_24h_n", _i(1), 2,
+         "L10: GPU panics in 24 h that cause a lockout."),
+    _Var("METALGUARD_PANIC_LOCKOUT_72H_N", "panic_lockout_72h_n", _i(1), 3,
+         "L10: GPU panics in 72 h that cause a lockout."),
+    _Var("METALGUARD_PANIC_LOCKOUT_MAX_H", "panic_lockout_max_h", _f(), 72.0,
+         "L10: a lockout ends by itself this many hours after the earliest panic in the window."),
+    _Var("METALGUARD_PANIC_GATE_DISABLED", "panic_gate_disabled", parse_bool, False,
+         "L10 kill switch: the gate always proceeds."),
+    # L11 / L12
+    _Var("METALGUARD_SUBPROC_ORPHAN_THRESHOLD_SEC", "subproc_orphan_threshold_sec", _f(1.0), 90.0,
+         "L11: a SUBPROC_PRE without SUBPROC_POST older than this is an orphan."),
+    _Var("METALGUARD_SUBPROC_ORPHAN_WATCH_DISABLED", "subproc_orphan_watch_disabled", parse_bool, False,
+         "L11 kill switch."),
+    _Var("METALGUARD_POSTMORTEM_DISABLED", "postmortem_disabled", parse_bool, False,
+         "L12 kill switch."),
+    _Var("METALGUARD_POSTMORTEM_SENTINEL_H", "postmortem_sentinel_h", _f(), 2.0,
+         "L12: cooldown sentinel written when a postmortem finds a panic."),
+    # L13
+    _Var("METALGUARD_STATUS_INTERVAL_SEC", "status_interval_sec", _f(1.0), 30.0,
+         "L13: status-write daemon interval."),
+    _Var("METALGUARD_STATUS_PATH", "status_path", parse_path, None,
+         "L13: status snapshot file (default: <cache>/status.json)."),
+    # L14
+    _Var("METALGUARD_COLD_RESTART_AFTER_N", "cold_restart_after_n", _i(1), 4000,
+         "L14: inferences before a worker cold restart is recommended."),
+    _Var("METALGUARD_COLD_RESTART_DISABLED", "cold_restart_disabled", parse_bool, False,
+         "L14 kill switch: should_cold_restart() is always False."),
+    # Knowledge
+    _Var("METALGUARD_ALLOW_PANIC_MODELS", "allow_panic_models", parse_bool, False,
+         "Allow loading registry models with tier=panic in defensive mode."),
+    # Isolation / R6
+    _Var("METALGUARD_SUBPROCESS_WORKER", "subprocess_worker", parse_bool, False,
+         "Set by metal-guard inside isolated workers (R6 process mode `subprocess_worker`)."),
+    _Var("METALGUARD_WORKER_MAX_FOOTPRINT_GB", "worker_max_footprint_gb", _f(0.0, allow_equal=False), None,
+         "L7: hard limit on a worker's memory footprint, enforced by the parent (default: from recommended_config)."),
+    _Var("METALGUARD_PROCESS_MODE", "process_mode", parse_process_mode, None,
+         "R6: force the process mode (server/embedded/notebook/cli/subprocess_worker) instead of detecting it."),
+    # Integration
+    _Var("METALGUARD_AUTOLOAD", "autoload", parse_bool, False,
+         "Zero-code activation: the shipped .pth boot module calls install() only when this is 1."),
+    _Var("METALGUARD_ADAPTERS", "adapters", parse_names, None,
+         "Comma-separated adapters to enable (default: all of mlx_lm, mlx_lm_server, mlx_vlm, langchain)."),
+    _Var("METALGUARD_DISABLED_ADAPTERS", "disabled_adapters", parse_names, frozenset(),
+         "Comma-separated adapters to disable (`*` = all)."),
+    _Var("METALGUARD_STRICT", "strict", parse_bool, False,
+         "install(): raise when a requested adapter's targets moved instead of marking it degraded."),
+    _Var("METALGUARD_REBIND_ALIASES", "rebind_aliases", parse_bool, False,
+         "install(): also rebind aliases of patched functions held in user modules."),
+    _Var("METALGUARD_FLUSH_EVERY_N", "flush_every_n", _i(0), 50,
+         "Adapters: flush the MLX cache every N guarded generate calls (0 = off)."),
+    _Var("METALGUARD_FIT_CHECK", "fit_check", parse_bool, True,
+         "Adapters: check that a model fits before loading it."),
+    _Var("METALGUARD_USE_LOCK", "use_lock", parse_bool, False,
+         "Adapters: hold the L8 cross-process lock around model loads."),
+    _Var("METALGUARD_CADENCE", "cadence", parse_bool, True,
+         "Adapters: enforce L9 cadence between model loads."),
+    _Var("METALGUARD_PROMPT_CACHE_MAX_BYTES", "prompt_cache_max_bytes", _i(0), None,
+         "mlx_lm.server adapter: cap the prompt cache in bytes on every path (0/unset = off)."),
+    # mlx-safe-python
+    _Var("MLX_SAFE_PYTHON_BIN", "safe_python_bin", parse_path, None,
+         "mlx-safe-python: the interpreter to run (default: the running one)."),
+    _Var("MLX_SAFE_PYTHON_FORCE", "safe_python_force", parse_bool, False,
+         "mlx-safe-python: run even during a cooldown (with a warning)."),
+)
+
+_BY_FIELD = {v.field: v for v in VARIABLES}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. Build it with :func:`get_settings`; never mutate it."""
+
+    disabled: bool = False
+    mode: str = DEFENSIVE
+    home: Path | None = None
+    debug: bool = False
+    breadcrumb_path: Path | None = None
+    breadcrumb_max_bytes: int = 5_000_000
+    diagnostic_reports_dirs: tuple[Path, ...] | None = None
+    lock_path: Path | None = None
+    force_wait_sec: float = 30.0
+    reclaim_cooldown_sec: float = 8.0
+    cadence_min_interval_sec: float = 180.0
+    cross_model_interval_sec: float = 0.0
+    gemma4_firstgen_disabled: bool = False
+    gemma4_firstgen_sleep_sec: float = 3.0
+    breaker_window_sec: float = 3600.0
+    breaker_panic_threshold: int = 2
+    breaker_cooldown_sec: float = 3600.0
+    panic_cooldown_stage1_h: float = 2.0
+    panic_lockout_24h_n: int = 2
+    panic_lockout_72h_n: int = 3
+    panic_lockout_max_h: float = 72.0
+    panic_gate_disabled: bool = False
+    subproc_orphan_threshold_sec: float = 90.0
+    subproc_orphan_watch_disabled: bool = False
+    postmortem_disabled: bool = False
+    postmortem_sentinel_h: float = 2.0
+    status_interval_sec: float = 30.0
+    status_path: Path | None = None
+    cold_restart_after_n: int = 4000
+    cold_restart_disabled: bool = False
+    allow_panic_models: bool = False
+    subprocess_worker: bool = False
+    worker_max_footprint_gb: float | None = None
+    process_mode: str | None = None
+    autoload: bool = False
+    adapters: frozenset[str] | None = None
+    disabled_adapters: frozenset[str] = field(default_factory=frozenset)
+    strict: bool = False
+    rebind_aliases: bool = False
+    flush_every_n: int = 50
+    fit_check: bool = True
+    use_lock: bool = False
+    cadence: bool = True
+    prompt_cache_max_bytes: int | None = None
+    safe_python_bin: Path | None = None
+    safe_python_force: bool = False
+    #: Names of the fields that came from the environment (for `doctor`).
+    from_env: frozenset[str] = field(default_factory=frozenset, compare=False)
+
+    # ------------------------------------------------------------------ derived paths
+
+    @property
+    def state_dir(self) -> Path:
+        """Durable state: lock, breaker, cadence, ledger, breadcrumbs, ack, sentinel."""
+        if self.home is not None:
+            return self.home / "state"
+        import platformdirs
+
+        return Path(platformdirs.user_state_dir(APP_NAME, appauthor=False))
+
+    @property
+    def cache_dir(self) -> Path:
+        """Disposable data: status.json, the demo model."""
+        if self.home is not None:
+            return self.home / "cache"
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+    @property
+    def report_dirs(self) -> tuple[Path, ...]:
+        if self.diagnostic_reports_dirs is not None:
+            return self.diagnostic_reports_dirs
+        return default_report_dirs()
+
+    @property
+    def resolved_lock_path(self) -> Path:
+        return self.lock_path or self.state_dir / "mlx_exclusive.lock"
+
+    @property
+    def resolved_breadcrumb_path(self) -> Path:
+        return self.breadcrumb_path or self.state_dir / "metal_breadcrumb.log"
+
+    @property
+    def resolved_status_path(self) -> Path:
+        return self.status_path or self.cache_dir / "status.json"
+
+    def state_file(self, name: str) -> Path:
+        return self.state_dir / name
+
+    def cache_file(self, name: str) -> Path:
+        return self.cache_dir / name
+
+    @property
+    def is_defensive(self) -> bool:
+        return self.mode == DEFENSIVE
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings)) - {"from_env"}
+
+
+def get_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Resolve settings now: ``overrides`` > ``env`` (default ``os.environ``) > defaults.
+
+    Unknown keyword names raise ``TypeError``; an invalid environment value raises
+    :class:`SettingsError`. Overrides are taken as given (already typed). The kill switch
+    ``METALGUARD_DISABLED=1`` in the environment wins over ``disabled=False`` in code.
+    """
+    unknown = set(overrides) - _FIELD_NAMES
+    if unknown:
+        raise TypeError(f"unknown metal-guard setting(s): {', '.join(sorted(unknown))}")
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    from_env: set[str] = set()
+    for var in VARIABLES:
+        raw = source.get(var.env)
+        if raw is None:
+            continue
+        if var.field in overrides and var.field != "disabled":
+            continue  # code beats env, except for the kill switch
+        values[var.field] = var.parse(var.env, raw)
+        from_env.add(var.field)
+    for key, value in overrides.items():
+        if key == "disabled" and values.get("disabled"):
+            continue
+        values[key] = value
+    if "mode" in overrides and overrides["mode"] not in MODES:
+        raise SettingsError("mode", overrides["mode"], " or ".join(MODES))
+    return Settings(**values, from_env=frozenset(from_env))
+
+
+def describe_variables() -> list[dict[str, str]]:
+    """The table of variables for docs and `metal-guard doctor`."""
+    return [
+        {"variable": v.env, "setting": v.field, "default": _fmt_default(v.default), "doc": v.doc}
+        for v in VARIABLES
+    ]
+
+
+def _fmt_default(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value)) or "(empty)"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)

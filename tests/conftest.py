@@ -1,0 +1,97 @@
+"""Shared fixtures: an isolated metal-guard home for every test, and tiny local models.
+
+* ``_isolated_home`` (autouse): ``METALGUARD_HOME`` and ``METALGUARD_DIAGNOSTIC_REPORTS_DIRS``
+  point into the test's tmp dir; every other metal-guard variable is removed; Hugging Face is
+  put offline. No test ever touches the real state, cache or report directories.
+* ``metalguard_home``: the isolated home directory (a ``Path``).
+* ``tiny_model_path`` / ``tiny_vlm_path`` / ``tiny_image_path`` (session): a tiny llama for
+  ``mlx_lm``, a tiny PaliGemma for ``mlx_vlm`` and a 64x64 PNG, built once per session. Set
+  ``METALGUARD_TEST_MODEL_CACHE=/some/dir`` to keep them between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+#: Read by the session fixtures below; deliberately not cleared by ``_isolated_home``.
+MODEL_CACHE_ENV = "METALGUARD_TEST_MODEL_CACHE"
+
+_CLEARED_PREFIXES = ("METALGUARD_", "MLX_SAFE_PYTHON_")
+_CLEARED_NAMES = ("MLX_LOCK_PATH", "MLX_FORCE_WAIT_SEC", "MLX_RECLAIM_COOLDOWN_SEC")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    for name in list(os.environ):
+        if name == MODEL_CACHE_ENV:
+            continue
+        if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED_NAMES:
+            monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "metalguard-home"
+    home.mkdir(mode=0o700)
+    reports = tmp_path / "diagnostic-reports"
+    reports.mkdir()
+    monkeypatch.setenv("METALGUARD_HOME", str(home))
+    monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(reports))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield home
+
+
+@pytest.fixture
+def metalguard_home(_isolated_home: Path) -> Path:
+    """The per-test ``METALGUARD_HOME`` (exists, empty at the start of the test)."""
+    return _isolated_home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's tiny models live (``$METALGUARD_TEST_MODEL_CACHE`` if set)."""
+    cache = os.environ.get(MODEL_CACHE_ENV, "").strip()
+    if cache:
+        path = Path(cache).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+def _timed(label: str, build: Callable[[], Path]) -> Path:
+    start = time.perf_counter()
+    path = build()
+    elapsed = time.perf_counter() - start
+    if elapsed > 0.5:  # shown with -s, or in the report of a failing test
+        print(f"\n[conftest] {label} ready in {elapsed:.2f}s at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_model_dir: Path) -> Path:
+    """A tiny random llama (``mlx_lm.load(str(path))`` works), seed 0, ~430 KB of weights."""
+    pytest.importorskip("mlx_lm")
+    from metal_guard.tinymodel import ensure_tiny_lm
+
+    return _timed("tiny LM", lambda: ensure_tiny_lm(tiny_model_dir / "tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_path(tiny_model_dir: Path) -> Path:
+    """A tiny random PaliGemma (``mlx_vlm.load(str(path))`` works), ~220 KB of weights."""
+    pytest.importorskip("mlx_vlm")
+    from metal_guard.tinymodel import ensure_tiny_vlm
+
+    return _timed("tiny VLM", lambda: ensure_tiny_vlm(tiny_model_dir / "tiny-vlm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_image_path(tiny_model_dir: Path) -> Path:
+    """A deterministic 64x64 RGB PNG."""
+    pytest.importorskip("PIL")
+    from metal_guard.tinymodel import write_tiny_image
+
+    return write_tiny_image(tiny_model_dir / "tiny-image.png")
