@@ -35,22 +35,19 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metal_guard import storage
+
+if TYPE_CHECKING:
+    from metal_guard.settings import Settings
 
 log = logging.getLogger("metal_guard.tinymodel")
 
 __all__ = [
-    "MARKER_NAME",
-    "build_tiny_lm",
-    "build_tiny_vlm",
-    "ensure_tiny_lm",
+    "MARKER_NAME", "build_tiny_lm", "build_tiny_vlm", "default_dir", "ensure_tiny_lm",
     "ensure_tiny_vlm",
-    "is_tiny_model",
-    "read_marker",
-    "weight_bytes",
-    "write_tiny_image",
+    "is_tiny_model", "read_marker", "weight_bytes", "write_tiny_image",
 ]
 
 #: Written last into a finished model directory; its presence means "complete".
@@ -79,31 +76,22 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
 
-# A small built-in corpus for the tokenizers; original text, repeated lines are fine.
-_CORPUS = """\
-The quick brown fox jumps over the lazy dog while the kettle starts to sing.
-A tiny model answers with random words, but it answers quickly and always the same way.
-Memory is finite: every buffer that is allocated must be released, or the machine will suffer.
-The guard watches the allocator, counts the active bytes and flushes the cache between runs.
-When a worker process crashes, the parent writes a note, waits, and starts a fresh worker.
-Hello, world! How are you today? I am fine, thank you. What is the weather like?
-Once upon a time there was a small robot who loved to count numbers: one, two, three, four.
-Five, six, seven, eight, nine, ten. Eleven and twelve came next, then the robot took a rest.
-Please describe this image. The picture shows a red square, a green circle and a blue line.
-Write a short poem about the sea, the wind, the stars and the long quiet night.
-Tokens flow out of the model one at a time; the stream ends when the limit is reached.
-Tests should be honest: they run real code, on real files, and they can fail for real.
-Apple silicon shares one pool of memory between the processor and the graphics unit.
-A kernel panic restarts the whole computer, so it is better to refuse a load than to crash.
-The lock file says who holds the device; a second process waits or gives up politely.
-Questions and answers: who, what, where, when, why and how are the six friends of a reporter.
-Numbers like 2048, 4096 and 65536 are powers of two; 3.14159 is close to pi.
-Code looks like this: def main(): return 0 -- and data looks like {"key": [1, 2, 3]}.
-The system says: you are a helpful assistant. The user says: hello. The assistant says: hi!
-"""
+#: The tokenizers' training text: package data, original prose, ASCII only.
+CORPUS_RESOURCE = "data/tiny_corpus.txt"
 
 
 # --------------------------------------------------------------------------- small helpers
+
+
+def default_dir(kind: str = "lm", settings: Settings | None = None) -> Path:
+    """Where ``metal-guard demo`` keeps its tiny model: ``<cache_dir>/tiny-models/<kind>``."""
+    if kind not in ("lm", "vlm"):
+        raise ValueError("kind must be 'lm' or 'vlm'")
+    if settings is None:
+        from metal_guard.settings import get_settings
+
+        settings = get_settings()
+    return settings.cache_dir / "tiny-models" / kind
 
 
 def weight_bytes(path: Path | str) -> int:
@@ -131,8 +119,8 @@ def is_tiny_model(path: Path | str, spec: dict[str, Any] | None = None) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    # Model files are plain JSON, readable by other tools: no sort_keys surprises matter,
-    # but we keep a stable layout so builds are byte-for-byte reproducible.
+    # Plain files inside a staging directory (published atomically as a whole); sorted keys
+    # keep builds byte-for-byte reproducible.
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -147,16 +135,23 @@ def _staging(dest: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Rename a finished staging directory to ``dest`` (caller holds the build lock)."""
-    if dest.is_symlink() or dest.is_file():
+def _check_replaceable(dest: Path) -> None:
+    """Raise ``FileExistsError`` unless ``dest`` is absent, empty, or a tiny model of ours."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise FileExistsError(f"{dest} exists and is not a directory; refusing to replace it")
     if dest.is_dir():
-        if read_marker(dest) is None and any(dest.iterdir()):
+        ours = (dest / MARKER_NAME).exists()  # even if unreadable or from an older format
+        if not ours and any(dest.iterdir()):
             raise FileExistsError(
                 f"{dest} exists and is not a metal-guard tiny model (no {MARKER_NAME}); "
                 "refusing to overwrite it — choose another directory or remove it yourself"
             )
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Rename a finished staging directory to ``dest`` (caller holds the build lock)."""
+    _check_replaceable(dest)
+    if dest.is_dir():
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(dest, old)
         try:
@@ -184,6 +179,7 @@ def _build_into(
     with storage.locked(dest.with_name(f".{dest.name}"), timeout=BUILD_LOCK_TIMEOUT_SEC):
         if reuse and is_tiny_model(dest, spec):  # built by someone else while we waited
             return dest
+        _check_replaceable(dest)  # fail before spending time on a build
         with _staging(dest) as tmp:
             files = writer(tmp, spec)
             marker = {"format_version": FORMAT_VERSION, "kind": kind, "spec": spec,
@@ -196,6 +192,8 @@ def _build_into(
 
 def _train_bpe(vocab_size: int, special_tokens: tuple[str, ...], bos: str | None) -> Any:
     """Train a byte-level BPE tokenizer on the built-in corpus (deterministic, offline)."""
+    from importlib.resources import files
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -208,8 +206,8 @@ def _train_bpe(vocab_size: int, special_tokens: tuple[str, ...], bos: str | None
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = _CORPUS.splitlines()
-    tok.train_from_iterator(lines * 4, trainer=trainer)
+    text = files("metal_guard").joinpath(CORPUS_RESOURCE).read_text(encoding="utf-8")
+    tok.train_from_iterator(text.splitlines() * 4, trainer=trainer)
     if bos is not None:
         bos_id = tok.token_to_id(bos)
         tok.post_processor = processors.TemplateProcessing(
@@ -237,7 +235,7 @@ def _save_hf_tokenizer(tok: Any, out: Path, **kwargs: Any) -> None:
 
 
 def _quiet_embeddings(embed: Any, tok: Any, specials: tuple[str, ...]) -> None:
-    """Zero the embedding rows of special tokens and of tokens that are not printable ASCII.
+    """Zero the embedding rows of special, unknown and not-printable-ASCII tokens.
 
     With tied embeddings those tokens' logits are then exactly 0 while the best of the other
     few hundred random logits is positive, so greedy decoding of the random model emits
@@ -245,11 +243,12 @@ def _quiet_embeddings(embed: Any, tok: Any, specials: tuple[str, ...]) -> None:
     """
     import mlx.core as mx
 
-    vocab_size = embed.weight.shape[0]
+    vocab_size, known = embed.weight.shape[0], tok.get_vocab_size()
     special_ids = {tok.token_to_id(t) for t in specials}
     mask = [1.0] * vocab_size
     for tid in range(vocab_size):
-        text = tok.decode([tid], skip_special_tokens=False)
+        # Rows past the tokenizer (a padded vocabulary) decode to nothing: masked too.
+        text = tok.decode([tid], skip_special_tokens=False) if tid < known else ""
         printable = text.isascii() and (text.isprintable() or text in ("\n", " "))
         if tid in special_ids or not text or not printable:
             mask[tid] = 0.0
@@ -270,23 +269,22 @@ def _save_weights(model: Any, path: Path, *, seed: int, dtype: str) -> None:
 # --------------------------------------------------------------------------- the LM
 
 
-def _lm_spec(seed: int, vocab_size: int, hidden_size: int, num_hidden_layers: int,
-             num_attention_heads: int, num_key_value_heads: int, intermediate_size: int,
-             max_position_embeddings: int, dtype: str) -> dict[str, Any]:
-    if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
+def _lm_spec(**spec: Any) -> dict[str, Any]:
+    heads, kv_heads = spec["num_attention_heads"], spec["num_key_value_heads"]
+    if spec["hidden_size"] % heads or heads % kv_heads:
         raise ValueError("hidden_size must divide by num_attention_heads, and "
                          "num_attention_heads by num_key_value_heads")
-    if vocab_size < 256 + len(LM_SPECIAL_TOKENS) + 8:
-        raise ValueError(f"vocab_size must be >= {256 + len(LM_SPECIAL_TOKENS) + 8} "
-                         "(256 byte tokens + special tokens + a few merges)")
-    if dtype not in ("float32", "float16", "bfloat16"):
+    _check_vocab(spec["vocab_size"], LM_SPECIAL_TOKENS)
+    if spec["dtype"] not in ("float32", "float16", "bfloat16"):
         raise ValueError("dtype must be float32, float16 or bfloat16")
-    return {
-        "seed": seed, "vocab_size": vocab_size, "hidden_size": hidden_size,
-        "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads, "intermediate_size": intermediate_size,
-        "max_position_embeddings": max_position_embeddings, "dtype": dtype,
-    }
+    return spec
+
+
+def _check_vocab(vocab_size: int, specials: tuple[str, ...]) -> None:
+    minimum = 256 + len(specials) + 8
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be >= {minimum} "
+                         "(256 byte tokens + special tokens + a few merges)")
 
 
 def _write_lm(out: Path, spec: dict[str, Any]) -> list[str]:
@@ -295,34 +293,23 @@ def _write_lm(out: Path, spec: dict[str, Any]) -> list[str]:
 
     tok = _train_bpe(spec["vocab_size"], LM_SPECIAL_TOKENS, bos="<s>")
     ids = {t: tok.token_to_id(t) for t in LM_SPECIAL_TOKENS}
-    vocab_size = tok.get_vocab_size()
+    vocab_size = spec["vocab_size"]
     _save_hf_tokenizer(
         tok, out, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
         chat_template=CHAT_TEMPLATE, model_max_length=spec["max_position_embeddings"],
     )
     eos_ids = [ids["</s>"], ids["<|end|>"]]
+    hidden, heads = spec["hidden_size"], spec["num_attention_heads"]
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab_size,
-        "hidden_size": spec["hidden_size"],
-        "num_hidden_layers": spec["num_hidden_layers"],
-        "num_attention_heads": spec["num_attention_heads"],
-        "num_key_value_heads": spec["num_key_value_heads"],
-        "head_dim": spec["hidden_size"] // spec["num_attention_heads"],
-        "intermediate_size": spec["intermediate_size"],
-        "max_position_embeddings": spec["max_position_embeddings"],
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "hidden_act": "silu",
-        "tie_word_embeddings": True,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": ids["<s>"],
-        "eos_token_id": eos_ids,
-        "pad_token_id": ids["<pad>"],
-        "torch_dtype": spec["dtype"],
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
+        "hidden_size": hidden, "num_hidden_layers": spec["num_hidden_layers"],
+        "num_attention_heads": heads, "num_key_value_heads": spec["num_key_value_heads"],
+        "head_dim": hidden // heads, "intermediate_size": spec["intermediate_size"],
+        "max_position_embeddings": spec["max_position_embeddings"], "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": spec["dtype"],
+        "bos_token_id": ids["<s>"], "eos_token_id": eos_ids, "pad_token_id": ids["<pad>"],
     }
     args = llama.ModelArgs.from_dict(config)
     mx.random.seed(spec["seed"])
@@ -349,43 +336,38 @@ def build_tiny_lm(
     intermediate_size: int = 128,
     max_position_embeddings: int = 2048,
     dtype: str = "float32",
+    reuse: bool = False,
 ) -> Path:
-    """Build (or rebuild) a tiny random llama model at ``dest``; return its absolute path.
+    """Build a tiny random llama model at ``dest``; return its absolute path.
 
-    Replaces a tiny model already at ``dest``; refuses (``FileExistsError``) to replace any
-    other non-empty directory. Use :func:`ensure_tiny_lm` to reuse a finished build.
+    With ``reuse=False`` an existing tiny model at ``dest`` is rebuilt; with ``reuse=True``
+    (what :func:`ensure_tiny_lm` does) it is kept when its parameters match. Any other
+    non-empty directory is refused with ``FileExistsError``. ``vocab_size`` is the embedding
+    size; the trained tokenizer has ``min(vocab_size, ~790)`` tokens (the corpus is small), and
+    the rows past it are never sampled.
     """
-    spec = _lm_spec(seed, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
-                    num_key_value_heads, intermediate_size, max_position_embeddings, dtype)
-    return _build_into(dest, "lm", spec, _write_lm, reuse=False)
+    spec = _lm_spec(seed=seed, vocab_size=vocab_size, hidden_size=hidden_size,
+                    num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                    num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size,
+                    max_position_embeddings=max_position_embeddings, dtype=dtype)
+    return _build_into(dest, "lm", spec, _write_lm, reuse=reuse)
 
 
-def ensure_tiny_lm(dest: Path | str, **kwargs: Any) -> Path:
-    """Like :func:`build_tiny_lm`, but return at once when the same model is already built."""
-    defaults: dict[str, Any] = {
-        "seed": 0, "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
-        "max_position_embeddings": 2048, "dtype": "float32",
-    }
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise TypeError(f"unknown tiny-model parameter(s): {', '.join(sorted(unknown))}")
-    spec = _lm_spec(**{**defaults, **kwargs})
-    return _build_into(dest, "lm", spec, _write_lm, reuse=True)
+def ensure_tiny_lm(dest: Path | str, **params: Any) -> Path:
+    """:func:`build_tiny_lm` with ``reuse=True``: returns at once when already built."""
+    return build_tiny_lm(dest, reuse=True, **params)
 
 
 # --------------------------------------------------------------------------- the VLM
 
 
-def _vlm_spec(seed: int, vocab_size: int, hidden_size: int, image_size: int,
-              patch_size: int) -> dict[str, Any]:
-    if image_size % patch_size or hidden_size % 4 or hidden_size < patch_size:
+def _vlm_spec(**spec: Any) -> dict[str, Any]:
+    hidden, patch = spec["hidden_size"], spec["patch_size"]
+    if spec["image_size"] % patch or hidden % 4 or hidden < patch:
         raise ValueError("image_size must divide by patch_size; hidden_size must divide by 4 "
                          "and be >= patch_size")
-    if vocab_size < 256 + len(VLM_SPECIAL_TOKENS) + 8:
-        raise ValueError(f"vocab_size must be >= {256 + len(VLM_SPECIAL_TOKENS) + 8}")
-    return {"seed": seed, "vocab_size": vocab_size, "hidden_size": hidden_size,
-            "image_size": image_size, "patch_size": patch_size}
+    _check_vocab(spec["vocab_size"], VLM_SPECIAL_TOKENS)
+    return spec
 
 
 def _write_vlm(out: Path, spec: dict[str, Any]) -> list[str]:
@@ -394,7 +376,7 @@ def _write_vlm(out: Path, spec: dict[str, Any]) -> list[str]:
 
     tok = _train_bpe(spec["vocab_size"], VLM_SPECIAL_TOKENS, bos=None)
     ids = {t: tok.token_to_id(t) for t in VLM_SPECIAL_TOKENS}
-    vocab_size = tok.get_vocab_size()
+    vocab_size = spec["vocab_size"]
     _save_hf_tokenizer(
         tok, out, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
         additional_special_tokens=["<image>"], model_max_length=512,
@@ -411,15 +393,10 @@ def _write_vlm(out: Path, spec: dict[str, Any]) -> list[str]:
         "image_seq_length": num_image_tokens,
     })
     config: dict[str, Any] = {
-        "architectures": ["PaliGemmaForConditionalGeneration"],
-        "model_type": "paligemma",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "projection_dim": hidden,
-        "image_token_index": ids["<image>"],
-        "pad_token_id": ids["<pad>"],
-        "bos_token_id": ids["<bos>"],
-        "eos_token_id": ids["<eos>"],
+        "architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
+        "vocab_size": vocab_size, "hidden_size": hidden, "projection_dim": hidden,
+        "image_token_index": ids["<image>"], "pad_token_id": ids["<pad>"],
+        "bos_token_id": ids["<bos>"], "eos_token_id": ids["<eos>"],
         "text_config": {
             "model_type": "gemma", "hidden_size": hidden, "num_hidden_layers": 2,
             "intermediate_size": 2 * hidden, "num_attention_heads": 4,
@@ -449,24 +426,21 @@ def build_tiny_vlm(
     hidden_size: int = 32,
     image_size: int = 32,
     patch_size: int = 8,
+    reuse: bool = False,
 ) -> Path:
-    """Build (or rebuild) a tiny random PaliGemma at ``dest`` for ``mlx_vlm``; return its path."""
-    spec = _vlm_spec(seed, vocab_size, hidden_size, image_size, patch_size)
-    return _build_into(dest, "vlm", spec, _write_vlm, reuse=False)
+    """Build a tiny random PaliGemma for ``mlx_vlm`` at ``dest``; return its absolute path.
+
+    ``(image_size / patch_size)**2`` image tokens per prompt (16 by default); one image per
+    prompt. ``reuse`` and refusal rules as in :func:`build_tiny_lm`.
+    """
+    spec = _vlm_spec(seed=seed, vocab_size=vocab_size, hidden_size=hidden_size,
+                     image_size=image_size, patch_size=patch_size)
+    return _build_into(dest, "vlm", spec, _write_vlm, reuse=reuse)
 
 
-def ensure_tiny_vlm(
-    dest: Path | str,
-    *,
-    seed: int = 0,
-    vocab_size: int = 320,
-    hidden_size: int = 32,
-    image_size: int = 32,
-    patch_size: int = 8,
-) -> Path:
-    """Like :func:`build_tiny_vlm`, but return at once when the same model is already built."""
-    spec = _vlm_spec(seed, vocab_size, hidden_size, image_size, patch_size)
-    return _build_into(dest, "vlm", spec, _write_vlm, reuse=True)
+def ensure_tiny_vlm(dest: Path | str, **params: Any) -> Path:
+    """:func:`build_tiny_vlm` with ``reuse=True``: returns at once when already built."""
+    return build_tiny_vlm(dest, reuse=True, **params)
 
 
 # --------------------------------------------------------------------------- the image
@@ -481,17 +455,16 @@ def write_tiny_image(dest: Path | str, *, size: int = 64, seed: int = 0) -> Path
     dest = Path(dest)
     storage.ensure_dir(dest.parent)
     rng = random.Random(seed)
-    img = Image.new("RGB", (size, size))
+    colours = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 210, 50)]  # quadrants
     half = size // 2
-    colours = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 210, 50)]
-    pixels = img.load()
-    assert pixels is not None
+    data = []
     for y in range(size):
         for x in range(size):
-            r, g, b = colours[(y >= half) * 2 + (x >= half)]
             n = rng.randint(-20, 20)
-            pixels[x, y] = (max(0, min(255, r + n)), max(0, min(255, g + n)),
-                            max(0, min(255, b + n)))
+            data.append(tuple(max(0, min(255, c + n))
+                              for c in colours[(y >= half) * 2 + (x >= half)]))
+    img = Image.new("RGB", (size, size))
+    img.putdata(data)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         img.save(tmp, format="PNG")

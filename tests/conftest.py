@@ -26,15 +26,18 @@ _CLEARED_NAMES = ("MLX_LOCK_PATH", "MLX_FORCE_WAIT_SEC", "MLX_RECLAIM_COOLDOWN_S
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for name in list(os.environ):
         if name == MODEL_CACHE_ENV:
             continue
         if name.startswith(_CLEARED_PREFIXES) or name in _CLEARED_NAMES:
             monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "metalguard-home"
+    # Outside the test's own tmp_path, so a test sees an empty tmp_path.
+    root = tmp_path_factory.mktemp("mg-isolated")
+    home = root / "home"
     home.mkdir(mode=0o700)
-    reports = tmp_path / "diagnostic-reports"
+    reports = root / "diagnostic-reports"
     reports.mkdir()
     monkeypatch.setenv("METALGUARD_HOME", str(home))
     monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(reports))
