@@ -7,7 +7,7 @@ Public names are loaded from their submodules on first attribute access (PEP 562
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from metal_guard._version import __version__
 
@@ -46,6 +46,9 @@ _export(
     "is_kernel_panic_signature",
     "is_metal_oom",
     "is_process_abort_signature",
+    "classify_crash",
+    "get_error_class",
+    "ERROR_CLASS_NAMES",
 )
 _export("metal_guard.breadcrumbs", "breadcrumb", "breadcrumb_with_meta")
 
@@ -64,31 +67,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-if TYPE_CHECKING:  # pragma: no cover - static view of the lazy names
-    from metal_guard.breadcrumbs import breadcrumb, breadcrumb_with_meta
-    from metal_guard.classify import (
-        ErrorClass,
-        classify_mlx_error,
-        detect_panic_signature,
-        is_kernel_panic_signature,
-        is_metal_oom,
-        is_process_abort_signature,
-    )
-    from metal_guard.errors import (
-        AdapterError,
-        CadenceViolation,
-        CrossModelCadenceViolation,
-        KnownPanicModelError,
-        MetalGuardError,
-        MetalOOMError,
-        MLXCooldownActive,
-        MLXLockConflict,
-        ModelDoesNotFitError,
-        PanicCooldownActive,
-        SettingsError,
-        SubprocessCrashError,
-        SubprocessTimeoutError,
-        WorkerError,
-    )
-    from metal_guard.settings import Settings, get_settings

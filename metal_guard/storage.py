@@ -136,7 +136,7 @@ def read_json(
     if not isinstance(obj, expect) or (validate is not None and not _safe_validate(validate, obj)):
         quarantine(path, f"unexpected content ({type(obj).__name__})")
         return default()
-    return obj  # type: ignore[no-any-return]
+    return obj  # type: ignore[return-value,no-any-return]
 
 
 def _safe_validate(validate: Callable[[Any], bool], obj: Any) -> bool:

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_command(subparsers: Any, name: str, *, help: str, **kwargs: Any) -> argparse.ArgumentParser:
     """Add a subcommand parser that also accepts ``--json`` after the subcommand name."""
-    parents = [getattr(subparsers, "_metal_guard_common")]
+    parents = [subparsers._metal_guard_common]
     return subparsers.add_parser(name, help=help, description=help, parents=parents, **kwargs)  # type: ignore[no-any-return]
 
 
@@ -95,10 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     (console scripts pass it to ``sys.exit``)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    known = set(parser._subparsers._group_actions[0].choices) if parser._subparsers else set()  # type: ignore[union-attr]
-    if not any(a in known for a in args_list) and not any(a in ("-h", "--help", "--version") for a in args_list):
-        if DEFAULT_COMMAND in known:
-            args_list = [*args_list, DEFAULT_COMMAND]
+    known: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            known.update(action.choices)
+    wants_default = not any(a in known or a in ("-h", "--help", "--version") for a in args_list)
+    if wants_default and DEFAULT_COMMAND in known:
+        args_list = [*args_list, DEFAULT_COMMAND]
     try:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # --help / --version / usage error
