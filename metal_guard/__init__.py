@@ -51,6 +51,15 @@ _export(
     "ERROR_CLASS_NAMES",
 )
 _export("metal_guard.breadcrumbs", "breadcrumb", "breadcrumb_with_meta")
+_export("metal_guard.lock", "acquire_mlx_lock", "release_mlx_lock", "read_mlx_lock", "mlx_exclusive_lock")
+_export(
+    "metal_guard.cadence",
+    "CadenceGuard",
+    "require_cadence_clear",
+    "is_gemma4_family",
+    "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
+)
+_export("metal_guard.breaker", "CircuitBreaker", "ingest_panics_jsonl")
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

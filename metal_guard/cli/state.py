@@ -1,0 +1,119 @@
+"""Cross-process state for the CLI: the L8 lock holder, the L9 breaker and cadence.
+
+* :func:`doctor_section` — the ``state`` section of ``metal-guard doctor``.
+* :func:`register` — the ``lock`` and ``breaker`` subcommands (``metal-guard breaker clear``
+  is the operator override of an open breaker).
+
+Nothing here initialises the GPU or ingests reports implicitly, except ``breaker check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from metal_guard.cli import EXIT_COOLDOWN, EXIT_OK, EXIT_WARN, add_command, emit
+
+
+def _lock_summary(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "free"
+    if not holder.get("verified"):
+        return f"held by an unverified process ({holder.get('reason', 'unknown')})"
+    return (
+        f"held by pid {holder.get('pid')} ({holder.get('label') or 'no label'}) since "
+        f"{holder.get('started_at')} on {holder.get('host')}"
+    )
+
+
+def doctor_section() -> dict[str, Any]:
+    """Lock holder (or None), breaker status and cadence entry count; read-only."""
+    from metal_guard.breaker import CircuitBreaker
+    from metal_guard.cadence import CadenceGuard
+    from metal_guard.lock import read_mlx_lock
+
+    holder = read_mlx_lock()
+    breaker = CircuitBreaker(auto_ingest=False).status()
+    cadence = CadenceGuard()
+    return {
+        "lock": _lock_summary(holder),
+        "lock_holder": holder,
+        "breaker": _breaker_summary(breaker),
+        "breaker_in_cooldown": breaker["in_cooldown"],
+        "breaker_cooldown_until": breaker["cooldown_until"],
+        "breaker_recent_failures": breaker["recent_failure_count"],
+        "cadence_entries": len(cadence.entries()),
+        "cadence": (
+            f"{cadence.min_interval_sec:g}s between loads of one model, "
+            f"{cadence.cross_model_interval_sec:g}s between models (gemma-4 floor 90s)"
+        ),
+    }
+
+
+def _breaker_summary(status: dict[str, Any]) -> str:
+    if status["in_cooldown"]:
+        return (
+            f"OPEN after {status['trip_failure_count']} GPU failure(s): "
+            f"{status['cooldown_remaining_sec']:.0f}s remaining"
+        )
+    return (
+        f"closed ({status['recent_failure_count']}/{status['panic_threshold']} failures "
+        f"in the last {status['window_sec']:.0f}s)"
+    )
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def _run_lock(args: argparse.Namespace) -> int:
+    from metal_guard.lock import read_mlx_lock
+
+    holder = read_mlx_lock()
+    emit(args, {"held": holder is not None, "holder": holder}, f"MLX lock: {_lock_summary(holder)}")
+    return EXIT_OK
+
+
+def _render_breaker(status: dict[str, Any]) -> str:
+    return (
+        f"breaker {_breaker_summary(status)}\n  recent: {status['recent_panic_count']} GPU panic(s), "
+        f"{status['recent_crash_count']} worker crash(es), "
+        f"{status['recent_ignored_panic_count']} unrelated panic(s) ignored; "
+        f"threshold {status['panic_threshold']} in {status['window_sec']:.0f}s, "
+        f"cooldown {status['cooldown_sec']:.0f}s"
+    )
+
+
+def _run_breaker(args: argparse.Namespace) -> int:
+    from metal_guard.breaker import CircuitBreaker
+    from metal_guard.errors import MLXCooldownActive
+
+    breaker = CircuitBreaker()
+    action = args.action
+    if action == "clear":
+        breaker.clear()
+        status = breaker.status()
+        emit(args, status, "breaker cleared\n" + _render_breaker(status))
+        return EXIT_OK
+    if action == "check":
+        try:
+            status = breaker.check()
+        except MLXCooldownActive:
+            status = breaker.status()
+            emit(args, status, _render_breaker(status))
+            return EXIT_COOLDOWN
+        emit(args, status, _render_breaker(status))
+        return EXIT_WARN if status["recent_failure_count"] else EXIT_OK
+    status = breaker.status()
+    emit(args, status, _render_breaker(status))
+    return EXIT_COOLDOWN if status["in_cooldown"] else EXIT_OK
+
+
+def register(subparsers: Any) -> None:
+    lock = add_command(subparsers, "lock", help="show who holds the cross-process MLX lock (L8)")
+    lock.set_defaults(func=_run_lock)
+    breaker = add_command(
+        subparsers, "breaker",
+        help="show (status), re-scan reports and evaluate (check) or clear the L9 circuit breaker",
+    )
+    breaker.add_argument("action", nargs="?", choices=("status", "check", "clear"), default="status")
+    breaker.set_defaults(func=_run_breaker)
