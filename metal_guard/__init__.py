@@ -60,6 +60,31 @@ _export(
     "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
 )
 _export("metal_guard.breaker", "CircuitBreaker", "ingest_panics_jsonl")
+_export(
+    "metal_guard.knowledge.registry",
+    "KNOWN_PANIC_MODELS",
+    "WORKLOAD_ADVISORIES",
+    "check_known_panic_model",
+    "check_known_panic_model_for_gpu",
+    "warn_if_known_panic_model",
+    "models_by_tier",
+    "models_affecting_gpu_family",
+    "check_workload_advisory",
+    "enforce_known_panic_policy",
+)
+_export(
+    "metal_guard.knowledge.advisories",
+    "check_version_advisories",
+    "MLX_VERSION_BLOCKLIST",
+    "MLX_LM_VERSION_BLOCKLIST",
+    "check_mlx_version_blocked",
+    "check_mlx_lm_version_blocked",
+)
+_export(
+    "metal_guard.knowledge.patches",
+    "install_upstream_defensive_patches",
+    "uninstall_upstream_defensive_patches",
+)
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

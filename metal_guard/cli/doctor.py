@@ -24,6 +24,7 @@ PACKAGES = ("mlx", "mlx-lm", "mlx-vlm", "transformers", "langchain-core", "langc
 #: Extra sections: name -> "module:function" returning a JSON-able dict.
 SECTIONS: dict[str, str] = {
     "state": "metal_guard.cli.state:doctor_section",
+    "knowledge": "metal_guard.knowledge.advisories:doctor_section",
 }
 
 
