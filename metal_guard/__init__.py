@@ -51,6 +51,64 @@ _export(
     "ERROR_CLASS_NAMES",
 )
 _export("metal_guard.breadcrumbs", "breadcrumb", "breadcrumb_with_meta")
+_export("metal_guard.instance", "MetalGuard", "metal_guard")
+_export(
+    "metal_guard.memory",
+    "MemoryStats",
+    "FitResult",
+    "ModelSize",
+    "memory_stats",
+    "check_fit",
+    "can_fit",
+    "require_fit",
+    "is_pressure_high",
+    "ensure_headroom",
+    "log_memory",
+    "estimate_model_size",
+    "estimate_model_size_from_name",
+    "record_peak",
+    "lookup_peak",
+    "measure_peak",
+    "ledger_entries",
+    "forget_peaks",
+)
+_export(
+    "metal_guard.hardware",
+    "detect_hardware",
+    "recommended_config",
+    "apple_gpu_family",
+    "audit_wired_limit",
+    "read_gpu_driver_version",
+    "log_system_audit_at_startup",
+    "process_footprint_bytes",
+    "system_memory",
+)
+_export("metal_guard.cleanup", "kv_cache_clear_on_pressure")
+_export("metal_guard.oom", "oom_protected", "oom_protected_context")
+_export(
+    "metal_guard.mode",
+    "current_mode",
+    "is_defensive",
+    "is_observer",
+    "describe_mode",
+    "detect_process_mode",
+    "apply_mode_defaults",
+    "describe_process_mode",
+)
+_export(
+    "metal_guard.prefill",
+    "ModelDims",
+    "KNOWN_MODELS",
+    "lookup_dims",
+    "estimate_prefill_peak_alloc_gb",
+    "require_prefill_fit",
+    "recommend_chunk_size",
+    "describe_prefill_plan",
+    "KVGrowthTracker",
+    "kv_tracker",
+)
+_export("metal_guard.resources", "ResourceTracker", "global_resource_tracker")
+_export("metal_guard.bench", "bench_scoped_load")
 _export("metal_guard.lock", "acquire_mlx_lock", "release_mlx_lock", "read_mlx_lock", "mlx_exclusive_lock")
 _export(
     "metal_guard.cadence",

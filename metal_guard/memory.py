@@ -1,0 +1,659 @@
+"""Memory truth, fit checks and the measured-peak ledger (L4, L5 statistics).
+
+* :class:`MemoryStats` — MLX allocator counters **and** the process footprint (macOS
+  ``ri_phys_footprint``, which includes Metal buffers MLX does not count) **and** system memory.
+  A number that cannot be read is ``None``, never a zero that looks like a reading.
+* Fit checks size a model from, in order of preference: a measured peak in the ledger, the
+  caller's figure, the safetensors of a local directory or Hugging Face cache snapshot, and the
+  model name. A check whose size or limit is unknown says ``unknown`` — never ``fits``.
+* The ledger (``<state>/peak_ledger.json``) stores the measured peak of a model per
+  (model, quantisation, context, mlx version, chip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from metal_guard import backend, storage
+from metal_guard.errors import ModelDoesNotFitError
+from metal_guard.hardware import (
+    process_footprint,
+    process_footprint_bytes,
+    recommended_config,
+    system_memory,
+)
+from metal_guard.settings import Settings, get_settings
+
+log = logging.getLogger("metal_guard.memory")
+
+__all__ = [
+    "FitResult",
+    "MemoryStats",
+    "ModelSize",
+    "can_fit",
+    "check_fit",
+    "ensure_headroom",
+    "estimate_model_size",
+    "estimate_model_size_from_name",
+    "forget_peaks",
+    "is_pressure_high",
+    "ledger_entries",
+    "ledger_path",
+    "log_memory",
+    "lookup_peak",
+    "measure_peak",
+    "memory_stats",
+    "process_footprint_bytes",
+    "record_peak",
+    "require_fit",
+    "system_memory",
+]
+
+GB = 1_000_000_000
+
+
+def _gb(value: int | None) -> float | None:
+    return None if value is None else value / GB
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """One snapshot. Every size is in bytes; ``None`` means "could not be read".
+
+    ``limit_bytes`` is the budget MLX work has: the GPU's recommended working set on Metal,
+    total device memory on CUDA, MLX's memory limit on the CPU build (``limit_source`` says
+    which). ``footprint_bytes`` is the process footprint (``footprint_source``:
+    ``ri_phys_footprint`` on macOS, ``psutil_rss`` elsewhere).
+    """
+
+    active_bytes: int | None = None
+    peak_bytes: int | None = None
+    limit_bytes: int | None = None
+    cache_bytes: int | None = None
+    limit_source: str = "unknown"
+    footprint_bytes: int | None = None
+    footprint_source: str = "unknown"
+    system_total_bytes: int | None = None
+    system_available_bytes: int | None = None
+    swap_total_bytes: int | None = None
+    swap_used_bytes: int | None = None
+    pressure: str = "unknown"
+    pressure_level: int | None = None
+    backend: str = "none"
+    taken_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def limit_known(self) -> bool:
+        return bool(self.limit_bytes)
+
+    @property
+    def used_bytes(self) -> int | None:
+        """Memory this process holds: the larger of MLX active bytes and the footprint."""
+        known = [v for v in (self.active_bytes, self.footprint_bytes) if v is not None]
+        return max(known) if known else None
+
+    @property
+    def available_bytes(self) -> int | None:
+        """Headroom: ``limit - used``, capped by the system's available memory; ``None`` if the
+        limit is unknown."""
+        if not self.limit_bytes:
+            return None
+        room = self.limit_bytes - (self.used_bytes or 0)
+        if self.system_available_bytes is not None:
+            room = min(room, self.system_available_bytes)
+        return max(0, room)
+
+    def _pct(self, value: int | None) -> float | None:
+        if not self.limit_bytes or value is None:
+            return None
+        return 100.0 * value / self.limit_bytes
+
+    active_gb = property(lambda self: _gb(self.active_bytes))
+    peak_gb = property(lambda self: _gb(self.peak_bytes))
+    cache_gb = property(lambda self: _gb(self.cache_bytes))
+    limit_gb = property(lambda self: _gb(self.limit_bytes))
+    footprint_gb = property(lambda self: _gb(self.footprint_bytes))
+    used_gb = property(lambda self: _gb(self.used_bytes))
+    available_gb = property(lambda self: _gb(self.available_bytes))
+    active_pct = property(lambda self: self._pct(self.active_bytes))
+    peak_pct = property(lambda self: self._pct(self.peak_bytes))
+    used_pct = property(lambda self: self._pct(self.used_bytes))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["taken_at"] = self.taken_at.isoformat()
+        out.update(used_bytes=self.used_bytes, available_bytes=self.available_bytes,
+                   used_pct=self.used_pct, active_pct=self.active_pct, peak_pct=self.peak_pct)
+        return out
+
+    def describe(self) -> str:
+        def fmt(v: float | None, unit: str = "GB") -> str:
+            return "unknown" if v is None else f"{v:.2f}{unit}"
+
+        return (f"active={fmt(self.active_gb)} peak={fmt(self.peak_gb)} cache={fmt(self.cache_gb)} "
+                f"footprint={fmt(self.footprint_gb)} limit={fmt(self.limit_gb)}({self.limit_source}) "
+                f"available={fmt(self.available_gb)} pressure={self.pressure}")
+
+
+def _limit(counters: backend.MemoryCounters | None) -> tuple[int | None, str]:
+    if counters is None:
+        return None, "unknown"
+    if counters.backend in ("metal", "cuda"):
+        working_set = backend.recommended_working_set_bytes(load=False)
+        if working_set:
+            name = "metal_recommended_working_set" if counters.backend == "metal" else "cuda_total_memory"
+            return working_set, name
+    if counters.limit_bytes > 0:
+        return counters.limit_bytes, "mlx_memory_limit"
+    return None, "unknown"
+
+
+def memory_stats(*, load: bool = True) -> MemoryStats:
+    """Read a :class:`MemoryStats` now.
+
+    ``load=False`` never imports MLX: if nothing imported it yet, the MLX counters (and so the
+    limit) are ``None`` while footprint and system memory are still read.
+    """
+    counters = backend.memory_counters(load=load)
+    limit, limit_source = _limit(counters)
+    fp = process_footprint()
+    sysmem = system_memory()
+    return MemoryStats(
+        active_bytes=counters.active_bytes if counters else None,
+        peak_bytes=counters.peak_bytes if counters else None,
+        limit_bytes=limit,
+        cache_bytes=counters.cache_bytes if counters else None,
+        limit_source=limit_source,
+        footprint_bytes=fp.footprint_bytes if fp else None,
+        footprint_source=fp.source if fp else "unknown",
+        system_total_bytes=sysmem.total_bytes,
+        system_available_bytes=sysmem.available_bytes,
+        swap_total_bytes=sysmem.swap_total_bytes,
+        swap_used_bytes=sysmem.swap_used_bytes,
+        pressure=sysmem.pressure,
+        pressure_level=sysmem.pressure_level,
+        backend=counters.backend if counters else backend.backend_name(load=False),
+    )
+
+
+def is_pressure_high(threshold_pct: float = 67.0, model_name: str = "", *,
+                     stats: MemoryStats | None = None) -> bool:
+    """True when used memory (MLX active or footprint, whichever is larger — not the sticky
+    peak) is at least ``threshold_pct`` of the limit, or the kernel reports warn/critical
+    pressure. An unknown limit with normal/unknown pressure is ``False`` (logged at DEBUG)."""
+    stats = stats or memory_stats()
+    if stats.pressure in ("warn", "critical"):
+        return True
+    pct = stats.used_pct
+    if pct is None:
+        log.debug("pressure check%s: limit unknown", f" for {model_name}" if model_name else "")
+        return False
+    return pct >= threshold_pct
+
+
+def log_memory(label: str, model_name: str = "", *, stats: MemoryStats | None = None) -> MemoryStats:
+    """Log one INFO line with the current numbers; return them."""
+    stats = stats or memory_stats()
+    log.info("[%s]%s %s", label, f" {model_name}" if model_name else "", stats.describe())
+    return stats
+
+
+def _crumb(tag: str, payload: str, **meta: Any) -> None:
+    from metal_guard.breadcrumbs import breadcrumb_with_meta
+
+    breadcrumb_with_meta(tag, payload, **meta)
+
+
+def ensure_headroom(model_name: str = "", threshold_pct: float = 67.0, *,
+                    cleanup: Callable[[], Any] | None = None,
+                    settings: Settings | None = None) -> MemoryStats:
+    """If pressure is high: defensive mode runs ``cleanup`` and resets the MLX peak; observer
+    mode only records what it would have done. Returns the numbers afterwards."""
+    settings = settings or get_settings()
+    stats = memory_stats()
+    if not is_pressure_high(threshold_pct, model_name, stats=stats):
+        return stats
+    if not settings.is_defensive:
+        _crumb("OBSERVE", "ensure_headroom would clean up", model=model_name or "-",
+               used_pct=f"{stats.used_pct or 0:.1f}", pressure=stats.pressure)
+        return stats
+    log.warning("memory pressure before %s: %s; cleaning up", model_name or "load", stats.describe())
+    if cleanup is not None:
+        cleanup()
+    backend.reset_peak_memory(load=False)
+    return memory_stats()
+
+
+# --------------------------------------------------------------------------- fit checks
+
+FITS, DOES_NOT_FIT, UNKNOWN = "fits", "does_not_fit", "unknown"
+#: A measured peak already includes runtime allocations; only this margin is added to it.
+LEDGER_MARGIN = 0.10
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The answer of a fit check. ``bool(result)`` is True only for a known fit."""
+
+    model: str
+    verdict: str  # "fits" | "does_not_fit" | "unknown"
+    required_bytes: int | None
+    available_bytes: int | None
+    size_bytes: int | None
+    overhead_bytes: int
+    size_source: str  # "ledger" | "caller" | "safetensors" | "hf_cache" | "name" | "unknown"
+    limit_source: str
+    quantization: str | None = None
+    reason: str = ""
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.verdict == UNKNOWN else self.verdict == FITS
+
+    def __bool__(self) -> bool:
+        return self.verdict == FITS
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _overhead_gb(overhead_gb: float | None) -> float:
+    if overhead_gb is not None:
+        return float(overhead_gb)
+    return float(recommended_config().get("overhead_gb", 2.0))
+
+
+def check_fit(model_size_gb: float | None = None, overhead_gb: float | None = None, *,
+              model_name: str | os.PathLike[str] = "", context_tokens: int | None = None,
+              stats: MemoryStats | None = None, use_ledger: bool = True) -> FitResult:
+    """Would the model fit now? See :class:`FitResult`. ``overhead_gb`` defaults to the
+    hardware tier's ``overhead_gb`` (``recommended_config()``)."""
+    name = os.fspath(model_name) if model_name else ""
+    overhead = int(_overhead_gb(overhead_gb) * GB)
+    estimate = estimate_model_size(name) if name else None
+    quant = estimate.quantization if estimate else None
+    size, source, required = None, "unknown", None
+    entry = lookup_peak(name, quantization=quant, context_tokens=context_tokens) \
+        if (name and use_ledger) else None
+    if entry is not None:
+        size, source = int(entry["required_bytes"]), "ledger"
+        overhead = int(size * LEDGER_MARGIN)
+    elif model_size_gb is not None:
+        if model_size_gb < 0:
+            raise ValueError(f"model_size_gb must be >= 0, got {model_size_gb!r}")
+        size, source = int(model_size_gb * GB), "caller"
+    elif estimate is not None and estimate.size_bytes is not None:
+        size, source = estimate.size_bytes, estimate.source
+    stats = stats or memory_stats()
+    available = stats.available_bytes
+    if size is not None:
+        required = size + overhead
+    if required is None:
+        verdict, reason = UNKNOWN, "model size unknown (no ledger entry, local weights or size in the name)"
+    elif available is None:
+        verdict, reason = UNKNOWN, "memory limit unknown (MLX unavailable or device info unreadable)"
+    elif required <= available:
+        verdict, reason = FITS, ""
+    else:
+        verdict = DOES_NOT_FIT
+        reason = f"needs {required / GB:.2f}GB, {available / GB:.2f}GB available"
+    return FitResult(name, verdict, required, available, size, overhead, source,
+                     stats.limit_source, quant, reason)
+
+
+def can_fit(model_size_gb: float | None = None, overhead_gb: float | None = None, *,
+            model_name: str | os.PathLike[str] = "", context_tokens: int | None = None) -> bool:
+    """True only when the model is known to fit; an unknown size or limit gives ``False``
+    (use :func:`check_fit` to tell "no" from "unknown")."""
+    return check_fit(model_size_gb, overhead_gb, model_name=model_name,
+                     context_tokens=context_tokens).verdict == FITS
+
+
+def require_fit(
+    model_size_gb: float | None = None, model_name: str | os.PathLike[str] = "",
+    overhead_gb: float | None = None, *, cache_clear_cb: Callable[[], Any] | None = None,
+    escalated_cooldown_sec: float = 0.0, context_tokens: int | None = None,
+    on_unknown: str | None = None, cleanup: Callable[[], Any] | None = None,
+    settings: Settings | None = None, sleep: Callable[[float], Any] = time.sleep,
+) -> FitResult:
+    """Refuse a load that will not fit.
+
+    Defensive mode: if it does not fit, run ``cleanup`` (``safe_cleanup``) and check again; with
+    ``escalated_cooldown_sec > 0`` also call ``cache_clear_cb`` (errors logged), clean up, reset
+    the MLX peak, wait, and check once more; then raise :class:`ModelDoesNotFitError` (a
+    ``MemoryError``). An ``unknown`` verdict is refused too unless ``on_unknown="allow"``.
+    Observer mode records the verdict and returns it without cleaning up or raising.
+    """
+    settings = settings or get_settings()
+    name = os.fspath(model_name) if model_name else ""
+    result = check_fit(model_size_gb, overhead_gb, model_name=name, context_tokens=context_tokens)
+    if result.verdict == FITS:
+        return result
+    if not settings.is_defensive:
+        _crumb("OBSERVE", f"require_fit would refuse: {result.reason}", model=name or "-",
+               verdict=result.verdict)
+        log.warning("observer mode: %s %s (%s); letting the load through",
+                    name or "model", result.verdict, result.reason)
+        return result
+    if result.verdict == UNKNOWN:
+        policy = on_unknown or "refuse"
+        if policy not in ("refuse", "allow"):
+            raise ValueError(f"on_unknown must be 'refuse' or 'allow', got {on_unknown!r}")
+        if policy == "allow":
+            log.warning("fit of %s unknown (%s); allowed by on_unknown='allow'", name or "model", result.reason)
+            _crumb("FIT_UNKNOWN", result.reason, model=name or "-", action="allow")
+            return result
+        _crumb("FIT_REFUSED", result.reason, model=name or "-", verdict=UNKNOWN)
+        raise ModelDoesNotFitError(
+            f"cannot verify that {name or 'the model'} fits: {result.reason}. Pass on_unknown='allow' "
+            "(or use observer mode) to load anyway.", model_name=name,
+            required_bytes=result.required_bytes, available_bytes=result.available_bytes)
+    log.warning("%s does not fit (%s); cleaning up and re-checking", name or "model", result.reason)
+    if cleanup is not None:
+        cleanup()
+    result = check_fit(model_size_gb, overhead_gb, model_name=name, context_tokens=context_tokens)
+    if result.verdict != FITS and escalated_cooldown_sec > 0:
+        if cache_clear_cb is not None:
+            try:
+                cache_clear_cb()
+            except Exception as exc:
+                log.warning("cache_clear_cb failed: %s", exc)
+        if cleanup is not None:
+            cleanup()
+        backend.reset_peak_memory(load=False)
+        sleep(escalated_cooldown_sec)
+        result = check_fit(model_size_gb, overhead_gb, model_name=name, context_tokens=context_tokens)
+    if result.verdict == FITS:
+        return result
+    _crumb("FIT_REFUSED", result.reason, model=name or "-", verdict=result.verdict,
+           required=result.required_bytes, available=result.available_bytes)
+    raise ModelDoesNotFitError(
+        f"{name or 'model'} does not fit: {result.reason} (size from {result.size_source}, "
+        f"limit from {result.limit_source})", model_name=name,
+        required_bytes=result.required_bytes, available_bytes=result.available_bytes)
+
+
+# --------------------------------------------------------------------------- model size
+
+_QUANT_NAME = (  # first match wins: (regex, label, bytes per parameter)
+    (re.compile(r"16bit|fp16|bf16", re.I), "16bit", 2.0),
+    (re.compile(r"8bit|int8", re.I), "8bit", 1.0),
+    (re.compile(r"6bit", re.I), "6bit", 0.75),
+    (re.compile(r"4bit|int4|(?<![a-z])q4|mxfp4|tq4", re.I), "4bit", 0.5),
+    (re.compile(r"3bit|int3|tq3", re.I), "3bit", 0.375),
+    (re.compile(r"2bit|int2", re.I), "2bit", 0.25),
+)
+_PARAMS_RE = re.compile(r"\b(\d+(?:\.\d+)?)\s*([bm])\b", re.I)
+_PARAMS_WORDS = (("mini", 4.0), ("small", 7.0), ("medium", 13.0), ("large", 70.0), ("xl", 13.0))
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Estimated weight size of a model. ``source``: ``safetensors`` (local directory),
+    ``hf_cache`` (Hugging Face cache snapshot), ``name`` (parsed from the id) or ``unknown``."""
+
+    model: str
+    size_bytes: int | None
+    source: str
+    quantization: str | None = None
+    path: str | None = None
+    files: int = 0
+
+    @property
+    def size_gb(self) -> float | None:
+        return _gb(self.size_bytes)
+
+
+def _quant_from_name(name: str) -> tuple[str | None, float]:
+    for pattern, label, per_param in _QUANT_NAME:
+        if pattern.search(name):
+            return label, per_param
+    return None, 2.0
+
+
+def estimate_model_size_from_name(name: str) -> float | None:
+    """Seed rule: parameters (``24B``, ``135M``, or mini/small/medium/large/xl) x bytes per
+    parameter from the quantisation in the name (fp16 when none). GB, or ``None``."""
+    base = str(name).rstrip("/").rsplit("/", 1)[-1]
+    match = _PARAMS_RE.search(base)
+    if match:
+        params_b = float(match.group(1)) / (1000.0 if match.group(2).lower() == "m" else 1.0)
+    else:
+        lowered = base.lower()
+        params_b = next((v for word, v in _PARAMS_WORDS if word in lowered), 0.0)
+        if not params_b:
+            return None
+    return round(params_b * _quant_from_name(base)[1], 3)
+
+
+def quantization_from_config(config: dict[str, Any]) -> str | None:
+    """``{"quantization": {"bits": 4}}`` → ``"4bit"``; else the dtype (``bf16``/``fp16``/``fp32``)."""
+    for key in ("quantization", "quantization_config"):
+        q = config.get(key)
+        if isinstance(q, dict) and isinstance(q.get("bits"), int):
+            return f"{q['bits']}bit"
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "").lower()
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype)
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, resolved from the environment at call time."""
+    env = os.environ
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return Path(env[var]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return xdg / "huggingface" / "hub"
+
+
+def hf_snapshot_dir(repo_id: str, *, cache_dir: Path | None = None) -> Path | None:
+    """The cached snapshot of ``org/name`` (``refs/main`` if present, else the newest)."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        return None
+    root = (cache_dir or hf_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    snaps = root / "snapshots"
+    try:
+        ref = (root / "refs" / "main").read_text().strip()
+        if ref and (snaps / ref).is_dir():
+            return snaps / ref
+        candidates = [p for p in snaps.iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads((path / "config.json").read_text("utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def estimate_model_size(model: str | os.PathLike[str], *, cache_dir: Path | None = None) -> ModelSize:
+    """Size ``model`` from its weights on disk when possible, else from its name."""
+    import json
+
+    name = os.fspath(model)
+    local = Path(name).expanduser()
+    path, source = (local, "safetensors") if local.is_dir() else (None, "unknown")
+    if path is None:
+        snap = hf_snapshot_dir(name, cache_dir=cache_dir)
+        path, source = (snap, "hf_cache") if snap is not None else (None, "unknown")
+    if path is not None:
+        files = sorted(path.glob("*.safetensors"))
+        total = 0
+        for f in files:
+            with contextlib.suppress(OSError):  # a dangling blob link = incomplete download
+                total += f.stat().st_size
+        try:
+            index = json.loads((path / "model.safetensors.index.json").read_text("utf-8"))
+            indexed = int(index.get("metadata", {}).get("total_size") or 0)
+        except (OSError, ValueError, AttributeError, TypeError):
+            indexed = 0
+        if files or indexed:
+            quant = quantization_from_config(_read_config(path)) or _quant_from_name(name)[0]
+            return ModelSize(name, max(total, indexed), source, quant, str(path), len(files))
+    gb = estimate_model_size_from_name(name)
+    return ModelSize(name, None if gb is None else int(gb * GB), "name" if gb is not None else "unknown",
+                     _quant_from_name(name)[0])
+
+
+# --------------------------------------------------------------------------- peak ledger
+
+LEDGER_FILE = "peak_ledger.json"
+
+
+def ledger_path(settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).state_file(LEDGER_FILE)
+
+
+@functools.lru_cache(maxsize=1)
+def _chip() -> str:
+    from metal_guard.hardware import detect_hardware
+
+    return str(detect_hardware(load=False, include_driver=False).get("chip") or "unknown")
+
+
+def _model_key(model: str) -> str:
+    local = Path(model).expanduser()
+    return str(local.resolve()) if model and local.is_dir() else model
+
+
+def _key(model: str, quant: str | None, ctx: int | None, mlx: str | None, chip: str | None) -> str:
+    return "|".join((_model_key(model), quant or "-", str(ctx) if ctx else "-",
+                     mlx or backend.mlx_version() or "-", chip or _chip()))
+
+
+def _valid_ledger(obj: Any) -> bool:
+    entries = obj.get("entries")
+    return isinstance(entries, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("peak_bytes"), int) for e in entries.values())
+
+
+def _fresh_ledger() -> dict[str, Any]:
+    return {"version": 1, "entries": {}}
+
+
+def _load_ledger(settings: Settings | None = None) -> dict[str, Any]:
+    state: dict[str, Any] = storage.read_json(ledger_path(settings), _fresh_ledger,
+                                              validate=_valid_ledger)
+    return state
+
+
+def record_peak(model: str | os.PathLike[str], peak_bytes: int, *, quantization: str | None = None,
+                context_tokens: int | None = None, footprint_delta_bytes: int | None = None,
+                mlx_version: str | None = None, chip: str | None = None,
+                settings: Settings | None = None) -> dict[str, Any]:
+    """Store a measured peak. Re-recording keeps the largest peak seen and counts samples."""
+    name = os.fspath(model)
+    if not name or int(peak_bytes) < 0:
+        raise ValueError("record_peak needs a model name and peak_bytes >= 0")
+    quant = quantization or estimate_model_size(name).quantization
+    key = _key(name, quant, context_tokens, mlx_version, chip)
+    now = datetime.now(UTC).isoformat()
+    fp = int(footprint_delta_bytes) if footprint_delta_bytes is not None else None
+
+    def update(state: dict[str, Any]) -> None:
+        old = state["entries"].get(key, {})
+        peak = max(int(peak_bytes), int(old.get("peak_bytes", 0)))
+        fp_max = max(x for x in (fp, old.get("footprint_delta_bytes"), -1) if x is not None)
+        state["entries"][key] = {
+            "model": _model_key(name), "quantization": quant, "context_tokens": context_tokens,
+            "mlx_version": mlx_version or backend.mlx_version(), "chip": chip or _chip(),
+            "peak_bytes": peak, "last_peak_bytes": int(peak_bytes),
+            "footprint_delta_bytes": fp_max if fp_max >= 0 else None,
+            "required_bytes": max(peak, fp_max), "samples": int(old.get("samples", 0)) + 1,
+            "first_recorded_at": old.get("first_recorded_at", now), "recorded_at": now,
+        }
+
+    state: dict[str, Any] = storage.update_json(
+        ledger_path(settings), update, _fresh_ledger, validate=_valid_ledger)
+    return dict(state["entries"][key])
+
+
+def lookup_peak(model: str | os.PathLike[str], *, quantization: str | None = None,
+                context_tokens: int | None = None, mlx_version: str | None = None,
+                chip: str | None = None, settings: Settings | None = None) -> dict[str, Any] | None:
+    """The ledger entry for this model on this mlx version and chip: the exact context if
+    recorded, else the smallest recorded context that is larger (a conservative stand-in);
+    with no context given, the largest peak recorded. ``None`` when nothing applies."""
+    name = _model_key(os.fspath(model))
+    if not name:
+        return None
+    mlx, chip = mlx_version or backend.mlx_version(), chip or _chip()
+    matches: list[dict[str, Any]] = [e for e in _load_ledger(settings)["entries"].values()
+               if e.get("model") == name and e.get("mlx_version") == mlx and e.get("chip") == chip
+               and (quantization is None or e.get("quantization") in (quantization, None))]
+    if not matches:
+        return None
+    if context_tokens is None:
+        best = max(matches, key=lambda e: int(e.get("required_bytes") or e["peak_bytes"]))
+        return dict(best)
+    exact = [e for e in matches if e.get("context_tokens") == context_tokens]
+    larger = [e for e in matches if (e.get("context_tokens") or 0) > context_tokens]
+    pick = exact or sorted(larger, key=lambda e: e["context_tokens"])[:1]
+    return dict(pick[0]) if pick else None
+
+
+def ledger_entries(settings: Settings | None = None) -> list[dict[str, Any]]:
+    return [dict(e) for e in _load_ledger(settings)["entries"].values()]
+
+
+def forget_peaks(model: str | None = None, *, settings: Settings | None = None) -> int:
+    """Remove ledger entries (of ``model``, or all); return how many were removed."""
+    removed = 0
+
+    def update(state: dict[str, Any]) -> None:
+        nonlocal removed
+        keep = {k: e for k, e in state["entries"].items()
+                if model is not None and e.get("model") != _model_key(model)}
+        removed = len(state["entries"]) - len(keep)
+        state["entries"] = keep
+
+    storage.update_json(ledger_path(settings), update, _fresh_ledger, validate=_valid_ledger)
+    return removed
+
+
+@dataclass
+class PeakMeasurement:
+    model: str
+    baseline_footprint_bytes: int | None
+    peak_bytes: int | None = None
+    footprint_delta_bytes: int | None = None
+    entry: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def measure_peak(model: str | os.PathLike[str], *, quantization: str | None = None,
+                 context_tokens: int | None = None, record: bool = True) -> Iterator[PeakMeasurement]:
+    """Reset the MLX peak, run the block (a load plus a first generate), then record the peak
+    in the ledger. Nothing is recorded if the block raises or MLX is not loaded."""
+    backend.reset_peak_memory(load=False)
+    m = PeakMeasurement(os.fspath(model), process_footprint_bytes())
+    yield m
+    counters = backend.memory_counters(load=False)
+    if counters is None:
+        return
+    m.peak_bytes = counters.peak_bytes
+    now_fp = process_footprint_bytes()
+    if now_fp is not None and m.baseline_footprint_bytes is not None:
+        m.footprint_delta_bytes = max(0, now_fp - m.baseline_footprint_bytes)
+    if record:
+        m.entry = record_peak(m.model, m.peak_bytes, quantization=quantization,
+                              context_tokens=context_tokens,
+                              footprint_delta_bytes=m.footprint_delta_bytes)
