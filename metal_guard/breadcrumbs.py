@@ -155,10 +155,10 @@ def parse_line(line: str) -> Breadcrumb | None:
     ts_text = match.group("ts")
     try:
         ts = datetime.fromisoformat(ts_text)
-    except ValueError:
+        if ts.tzinfo is None:
+            ts = ts.astimezone(UTC)  # naive = local time (legacy format)
+    except (ValueError, OverflowError, OSError):
         return None
-    if ts.tzinfo is None:
-        ts = ts.astimezone(UTC)  # naive = local time (legacy format)
     meta_text = match.group("meta") or ""
     meta = {m.group("k"): m.group("v") for m in _META_RE.finditer(meta_text)}
     payload = (match.group("payload") or "").strip()

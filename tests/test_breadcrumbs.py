@@ -73,3 +73,9 @@ def test_durable_write_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == []
     breadcrumbs.breadcrumb_with_meta("RARE")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("ts", ["0001-01-01 00:00:00", "9999-12-31 23:59:59"])
+def test_extreme_legacy_timestamps_do_not_raise(ts: str) -> None:
+    parsed = breadcrumbs.parse_line(f"[{ts}] TAG: x")
+    assert parsed is None or parsed.tag == "TAG"
