@@ -118,6 +118,31 @@ _export(
     "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
 )
 _export("metal_guard.breaker", "CircuitBreaker", "ingest_panics_jsonl")
+_export("metal_guard.forensics.records", "PanicRecord", "AbortRecord")
+_export("metal_guard.forensics.reports", "parse_panic_reports", "scan_reports")
+_export(
+    "metal_guard.forensics.gate",
+    "CooldownVerdict",
+    "evaluate_panic_cooldown",
+    "scan_recent_panics",
+    "scan_recent_aborts",
+    "mark_panic_sentinel_cooldown",
+    "ack_panic_lockout",
+    "clear_panic_ack",
+    "clear_panic_sentinel",
+)
+_export("metal_guard.forensics.orphans", "OrphanPre", "scan_orphan_subproc_pre", "kill_orphans")
+_export("metal_guard.forensics.postmortem", "run_postmortem")
+_export("metal_guard.forensics.feedback", "format_panic_for_apple_feedback")
+_export(
+    "metal_guard.status",
+    "STATUS_SNAPSHOT_SCHEMA_VERSION",
+    "get_status_snapshot",
+    "write_status_snapshot",
+    "publish_memory",
+    "read_published_memory",
+    "clear_published_memory",
+)
 _export(
     "metal_guard.knowledge.registry",
     "KNOWN_PANIC_MODELS",

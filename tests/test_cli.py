@@ -49,3 +49,30 @@ def test_bad_setting_is_usage_error(monkeypatch) -> None:  # type: ignore[no-unt
     proc = _run("doctor")
     assert proc.returncode == 64
     assert "METALGUARD_PANIC_LOCKOUT_24H_N" in proc.stderr
+
+
+def test_command_table_matches_what_modules_register() -> None:
+    import argparse
+
+    from metal_guard.cli import _COMMAND_MODULES, _COMMANDS, build_parser
+
+    for module in set(_COMMAND_MODULES):
+        parser = build_parser([module])
+        names = {
+            name
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices
+        }
+        assert names == {c for c, m in _COMMANDS.items() if m == module}, module
+    assert set(_COMMANDS.values()) == set(_COMMAND_MODULES)
+
+
+def test_panic_gate_imports_only_its_own_command_module() -> None:
+    code = (
+        "import sys; from metal_guard.cli import main; rc = main(['panic-gate']); "
+        "print(rc, sorted(m for m in sys.modules if m.startswith('metal_guard.cli.')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("0 ") and "metal_guard.cli.doctor" not in last and "metal_guard.cli.knowledge" not in last

@@ -43,8 +43,35 @@ EXIT_CODES: dict[int, str] = {
 
 #: Submodules that contribute subcommands, in help order.
 _COMMAND_MODULES: tuple[str, ...] = (
+    "metal_guard.cli.status", "metal_guard.cli.forensics", "metal_guard.cli.launchd",
     "metal_guard.cli.doctor",
+    "metal_guard.cli.state",
+    "metal_guard.cli.knowledge",
+    "metal_guard.cli.run",
 )
+
+#: Subcommand -> the module that registers it. Lets ``main`` import only the module of the
+#: command being run (``panic-gate`` must not pay for importing every other command);
+#: a test checks it against what the modules really register.
+_COMMANDS: dict[str, str] = {
+    "status": "metal_guard.cli.status",
+    "status-write": "metal_guard.cli.status",
+    "breadcrumb": "metal_guard.cli.status",
+    "mode": "metal_guard.cli.status",
+    "panic-gate": "metal_guard.cli.forensics",
+    "ack": "metal_guard.cli.forensics",
+    "panics": "metal_guard.cli.forensics",
+    "postmortem": "metal_guard.cli.forensics",
+    "orphan-scan": "metal_guard.cli.forensics",
+    "launchd-plist": "metal_guard.cli.launchd",
+    "doctor": "metal_guard.cli.doctor",
+    "lock": "metal_guard.cli.state",
+    "breaker": "metal_guard.cli.state",
+    "check-model": "metal_guard.cli.knowledge",
+    "advisories": "metal_guard.cli.knowledge",
+    "registry": "metal_guard.cli.knowledge",
+    "run": "metal_guard.cli.run",
+}
 
 #: The subcommand run when none is given (the seed runs ``status``).
 DEFAULT_COMMAND = "status"
@@ -58,7 +85,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser, or one with only the subcommands of ``modules``."""
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable JSON output")
@@ -71,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"metal-guard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub._metal_guard_common = common  # type: ignore[attr-defined]
-    for name in _COMMAND_MODULES:
+    for name in _COMMAND_MODULES if modules is None else modules:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -94,14 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metal-guard`` console script; returns the exit code
     (console scripts pass it to ``sys.exit``)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    known: set[str] = set()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            known.update(action.choices)
-    wants_default = not any(a in known or a in ("-h", "--help", "--version") for a in args_list)
-    if wants_default and DEFAULT_COMMAND in known:
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    if command is None and not any(a in ("-h", "--help", "--version") for a in args_list):
+        command = DEFAULT_COMMAND
         args_list = [*args_list, DEFAULT_COMMAND]
+    module = _COMMANDS.get(command or "")
+    parser = build_parser(None if module is None else [module])
     try:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # --help / --version / usage error
