@@ -98,13 +98,13 @@ def _rotate_if_needed(path: Path, max_bytes: int) -> None:
         log.debug("breadcrumb rotation failed: %s", exc)
 
 
-def _write(line: str, *, durable: bool, path: Path | None) -> bool:
+def _write(line: str, *, durable: bool, log_path: Path | None) -> bool:
     try:
         from metal_guard.settings import get_settings
         from metal_guard.storage import FILE_MODE, ensure_dir
 
         settings = get_settings()
-        target = Path(path) if path is not None else settings.resolved_breadcrumb_path
+        target = Path(log_path) if log_path is not None else settings.resolved_breadcrumb_path
         data = (line + "\n").encode("utf-8", "replace")
         with _write_lock:
             ensure_dir(target.parent)
@@ -122,7 +122,7 @@ def _write(line: str, *, durable: bool, path: Path | None) -> bool:
         return False
 
 
-def breadcrumb(msg: str, *, durable: bool = True, path: Path | None = None) -> bool:
+def breadcrumb(msg: str, *, durable: bool = True, log_path: Path | None = None) -> bool:
     """Write ``msg`` as a breadcrumb. ``"LOAD: model START"`` keeps its tag ``LOAD``.
 
     Returns whether the line was written (it never raises).
@@ -133,14 +133,17 @@ def breadcrumb(msg: str, *, durable: bool = True, path: Path | None = None) -> b
         line = format_line(match.group(1), match.group(2))
     else:
         line = format_line("NOTE", text)
-    return _write(line, durable=durable, path=path)
+    return _write(line, durable=durable, log_path=log_path)
 
 
 def breadcrumb_with_meta(
-    tag: str, payload: str = "", *, durable: bool = True, path: Path | None = None, **meta: Any
+    tag: str, payload: str = "", *, durable: bool = True, log_path: Path | None = None, **meta: Any
 ) -> bool:
-    """Write ``[ts] TAG: payload | k=v k=v`` (keys sorted; ``|`` in values becomes ``/``)."""
-    return _write(format_line(tag, payload, **meta), durable=durable, path=path)
+    """Write ``[ts] TAG: payload | k=v k=v`` (keys sorted; ``|`` in values becomes ``/``).
+
+    ``durable`` and ``log_path`` are the only reserved names; every other keyword is metadata.
+    """
+    return _write(format_line(tag, payload, **meta), durable=durable, log_path=log_path)
 
 
 def parse_line(line: str) -> Breadcrumb | None:

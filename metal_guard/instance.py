@@ -201,14 +201,14 @@ class MetalGuard:
             return False
         from metal_guard.breadcrumbs import breadcrumb
 
-        return breadcrumb(msg, path=self._crumb_path())
+        return breadcrumb(msg, log_path=self._crumb_path())
 
     def breadcrumb_with_meta(self, tag: str, payload: str = "", **meta: Any) -> bool:
         if self._breadcrumb_path is None:
             return False
         from metal_guard.breadcrumbs import breadcrumb_with_meta
 
-        return breadcrumb_with_meta(tag, payload, path=self._crumb_path(), **meta)
+        return breadcrumb_with_meta(tag, payload, log_path=self._crumb_path(), **meta)
 
     # ------------------------------------------------------------------ hardware
     @staticmethod

@@ -62,7 +62,7 @@ def test_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_write_failure_never_raises(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert breadcrumbs.breadcrumb("X: y", path=blocker / "sub" / "log") is False
+    assert breadcrumbs.breadcrumb("X: y", log_path=blocker / "sub" / "log") is False
 
 
 def test_durable_write_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,3 +79,10 @@ def test_durable_write_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_extreme_legacy_timestamps_do_not_raise(ts: str) -> None:
     parsed = breadcrumbs.parse_line(f"[{ts}] TAG: x")
     assert parsed is None or parsed.tag == "TAG"
+
+
+def test_meta_named_path_is_metadata_not_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert breadcrumbs.breadcrumb_with_meta("REQ", "x", path="sequential")
+    assert not (tmp_path / "sequential").exists()
+    assert breadcrumbs.tail(1)[-1].meta == {"path": "sequential"}
