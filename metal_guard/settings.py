@@ -93,7 +93,7 @@ def parse_paths(name: str, raw: str) -> tuple[Path, ...]:
 def parse_names(name: str, raw: str) -> frozenset[str]:
     names = frozenset(p.strip().lower().replace("-", "_") for p in raw.split(",") if p.strip())
     for item in names:
-        if not item.replace("_", "").replace(".", "").replace("*", "").isalnum():
+        if item != "*" and not item.replace("_", "").replace(".", "").replace("*", "").isalnum():
             raise SettingsError(name, raw, "a comma-separated list of adapter names")
     return names
 
@@ -216,6 +216,8 @@ VARIABLES: tuple[_Var, ...] = (
          "Set by metal-guard inside isolated workers (R6 process mode `subprocess_worker`)."),
     _Var("METALGUARD_WORKER_MAX_FOOTPRINT_GB", "worker_max_footprint_gb", _f(0.0, allow_equal=False), None,
          "L7: hard limit on a worker's memory footprint, enforced by the parent (default: from recommended_config)."),
+    _Var("METALGUARD_WORKER_TEST_FAULTS", "worker_test_faults", parse_bool, False,
+         "L7 tests only: let an isolated worker honour `_debug_fault` requests (abort, segfault, ...). Never set in production."),
     _Var("METALGUARD_PROCESS_MODE", "process_mode", parse_process_mode, None,
          "R6: force the process mode (server/embedded/notebook/cli/subprocess_worker) instead of detecting it."),
     # Integration
@@ -239,6 +241,8 @@ VARIABLES: tuple[_Var, ...] = (
          "Adapters: enforce L9 cadence between model loads."),
     _Var("METALGUARD_PROMPT_CACHE_MAX_BYTES", "prompt_cache_max_bytes", _i(0), None,
          "mlx_lm.server adapter: cap the prompt cache in bytes on every path (0/unset = off)."),
+    _Var("METALGUARD_TEST_SERVER_OOM_EVERY", "test_server_oom_every", _i(0), 0,
+         "mlx_lm.server adapter, tests only: every N-th request fails with a simulated Metal OOM (0 = off). Never set in production."),
     # mlx-safe-python
     _Var("MLX_SAFE_PYTHON_BIN", "safe_python_bin", parse_path, None,
          "mlx-safe-python: the interpreter to run (default: the running one)."),
@@ -286,6 +290,7 @@ class Settings:
     allow_panic_models: bool = False
     subprocess_worker: bool = False
     worker_max_footprint_gb: float | None = None
+    worker_test_faults: bool = False
     process_mode: str | None = None
     autoload: bool = False
     adapters: frozenset[str] | None = None
@@ -297,6 +302,7 @@ class Settings:
     use_lock: bool = False
     cadence: bool = True
     prompt_cache_max_bytes: int | None = None
+    test_server_oom_every: int = 0
     safe_python_bin: Path | None = None
     safe_python_force: bool = False
     #: Names of the fields that came from the environment (for `doctor`).

@@ -25,6 +25,7 @@ PACKAGES = ("mlx", "mlx-lm", "mlx-vlm", "transformers", "langchain-core", "langc
 SECTIONS: dict[str, str] = {
     "state": "metal_guard.cli.state:doctor_section",
     "knowledge": "metal_guard.knowledge.advisories:doctor_section",
+    "integration": "metal_guard.autoload:doctor_section",
 }
 
 

@@ -1,0 +1,467 @@
+"""``install()`` / ``uninstall()`` / ``is_installed()`` / ``adapter_report()`` and the adapter registry.
+
+``install()`` registers post-import hooks (:mod:`metal_guard._import_hooks`, stdlib only) on the
+modules that *define* each adapter's targets, so it works before or after the user's imports:
+
+* **before** the import, the hook wraps e.g. ``mlx_lm.generate.stream_generate`` right after that
+  module ran and before ``mlx_lm/__init__`` or ``mlx_lm/server.py`` copy the name, so every
+  re-export binds the wrapper;
+* **after** the import, the hook runs at once and a sweep of the library's own package rebinds
+  module globals that still hold the original (``mlx_lm.generate`` the package attribute,
+  ``mlx_lm.server.stream_generate``, ...). Aliases in *user* modules are rebound only with
+  ``rebind_aliases=True`` (``METALGUARD_REBIND_ALIASES=1``).
+
+Nothing is imported by ``install()`` itself — not wrapt, not an adapter, not MLX — until a target
+module is imported. The adapter module (and wrapt) is imported by the hook, outside the lock.
+
+Every wrapper is a :class:`metal_guard.adapters.base.GuardWrapper`; a second ``install()`` finds
+it in the chain and adds nothing. ``uninstall()`` splices ours out with ``wrapt.unwrap_object``
+(a foreign wrapt wrapper on top survives), restores every module global that holds one of ours,
+removes the hooks and bumps a generation counter so a hook already running does nothing.
+A wrapper that cannot be removed (a non-wrapt wrapper sits on top) stays in place, inert.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from metal_guard import _import_hooks
+from metal_guard.errors import AdapterError, SettingsError
+
+log = logging.getLogger("metal_guard.install")
+
+__all__ = [
+    "REGISTRY", "AdapterInfo", "adapter_report", "install", "is_installed", "register_adapter",
+    "uninstall",
+]
+
+PENDING, PATCHED, DEGRADED, FAILED, DISABLED = "pending", "patched", "degraded", "failed", "disabled"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A registry row. ``triggers`` are the modules that define the adapter's targets (its
+    ``TARGETS[i].module``); ``packages`` bound the alias sweep."""
+
+    name: str
+    module: str
+    triggers: tuple[str, ...]
+    packages: tuple[str, ...]
+    summary: str = ""
+
+
+#: The adapters metal-guard ships. Add a row (or call :func:`register_adapter`) for a new one.
+REGISTRY: dict[str, AdapterInfo] = {
+    info.name: info
+    for info in (
+        AdapterInfo("mlx_lm", "metal_guard.adapters.mlx_lm", ("mlx_lm.utils", "mlx_lm.generate"),
+                    ("mlx_lm",), "mlx_lm load / generate / stream_generate / batch generation"),
+        AdapterInfo("mlx_lm_server", "metal_guard.adapters.mlx_lm_server", ("mlx_lm.server",),
+                    ("mlx_lm",), "mlx_lm.server model switching, 503 on OOM, status routes"),
+        AdapterInfo("mlx_vlm", "metal_guard.adapters.mlx_vlm",
+                    ("mlx_vlm.utils", "mlx_vlm.generate.dispatch"), ("mlx_vlm",),
+                    "mlx_vlm load / generate / stream_generate"),
+        AdapterInfo("langchain", "metal_guard.adapters.langchain",
+                    ("langchain_community.llms.mlx_pipeline", "langchain_community.chat_models.mlx",
+                     "langchain_core.callbacks.manager"),
+                    ("langchain_community",), "LangChain MLXPipeline / ChatMLX + callback handler"),
+    )
+}
+
+
+def register_adapter(info: AdapterInfo, *, replace: bool = False) -> None:
+    """Add an adapter to the registry (takes effect at the next ``install()``)."""
+    if info.name in REGISTRY and not replace:
+        raise ValueError(f"adapter {info.name!r} is already registered")
+    REGISTRY[info.name] = info
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class _Site:
+    owner: ModuleType
+    path: str
+    handle: Any  # GuardWrapper
+
+
+@dataclass
+class _AdapterState:
+    info: AdapterInfo
+    state: str = PENDING
+    reason: str = ""
+    sites: dict[str, _Site] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    modules: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _State:
+    generation: int
+    options: dict[str, Any]
+    settings: Any
+    source: str
+    adapters: dict[str, _AdapterState]
+    hooks: list[tuple[str, Any]] = field(default_factory=list)
+
+
+_lock = threading.RLock()
+_state: _State | None = None
+_generation = 0
+_last_skip: str = ""
+_fork_registered = False
+
+
+def _register_fork_handlers() -> None:
+    global _fork_registered
+    if _fork_registered or not hasattr(os, "register_at_fork"):
+        return
+    _fork_registered = True
+    os.register_at_fork(before=lambda: _lock.acquire(), after_in_parent=lambda: _lock.release(),
+                        after_in_child=_after_fork_in_child)
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()  # never release the parent's: its owner does not exist here
+    _import_hooks.after_fork_in_child()
+    from metal_guard import policy
+
+    policy.after_fork_in_child()
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def install(
+    *,
+    adapters: Iterable[str] | None = None,
+    disabled_adapters: Iterable[str] | None = None,
+    strict: bool | None = None,
+    rebind_aliases: bool | None = None,
+    **policy: Any,
+) -> dict[str, Any]:
+    """Guard MLX libraries now and whenever they are imported later. Returns :func:`adapter_report`.
+
+    ``adapters`` / ``disabled_adapters`` select adapters (default: all; ``"*"`` disables all);
+    ``strict=True`` raises :class:`~metal_guard.errors.AdapterError` when a requested adapter's
+    targets moved (otherwise it is marked degraded with a warning); ``rebind_aliases=True`` also
+    rebinds aliases held by user modules. Any other keyword is a Settings field applied to the
+    guards (``mode``, ``cadence``, ``fit_check``, ``use_lock``, ``flush_every_n``, ...).
+    The environment supplies what is not given (``METALGUARD_ADAPTERS``, ``..._STRICT``, ...);
+    ``METALGUARD_DISABLED=1`` beats everything: nothing is installed.
+    Calling it again while installed changes nothing (a warning if the options differ).
+    """
+    return _install("code", adapters, disabled_adapters, strict, rebind_aliases, policy)
+
+
+def uninstall() -> bool:
+    """Remove every metal-guard wrapper and hook; ``False`` if nothing was installed."""
+    global _state, _generation
+    with _lock:
+        state = _state
+        if state is None:
+            return False
+        _state = None
+        _generation += 1
+        from metal_guard import policy
+
+        policy.ACTIVATION.generation = 0
+    for name, hook in state.hooks:
+        _import_hooks.unregister(name, hook)
+    with _lock:
+        guards: dict[int, tuple[Any, Any]] = {}
+        for ad in state.adapters.values():
+            for site in reversed(list(ad.sites.values())):
+                guards[id(site.handle)] = (site.handle, site.handle.__wrapped__)
+                from metal_guard.adapters.base import unwrap_site
+
+                unwrap_site(site.owner, site.path, site.handle)
+        if guards:
+            _sweep(guards, None)
+    for ad in state.adapters.values():
+        if ad.state in (PATCHED, DEGRADED):
+            _call_adapter_hook(ad.info, "on_unpatched")
+    policy.configure(None)
+    log.info("metal-guard uninstalled")
+    return True
+
+
+def is_installed() -> bool:
+    return _state is not None
+
+
+def adapter_report() -> dict[str, Any]:
+    """Installation state and, per adapter: ``state`` (pending / patched / degraded / failed /
+    disabled), the guarded ``sites``, ``missing`` targets, rebound ``aliases`` and ``reason``."""
+    with _lock:
+        state = _state
+        out: dict[str, Any] = {
+            "installed": state is not None,
+            "generation": state.generation if state else None,
+            "source": state.source if state else None,
+            "options": dict(state.options) if state else {},
+            "watching": _import_hooks.watched(),
+            "note": _last_skip if state is None else "",
+            "adapters": {},
+        }
+        for name, info in REGISTRY.items():
+            ad = state.adapters.get(name) if state else None
+            if ad is None:
+                out["adapters"][name] = {"state": DISABLED, "reason": "not installed" if state is None
+                                         else "registered after install()", "sites": [],
+                                         "missing": [], "aliases": [], "summary": info.summary}
+                continue
+            out["adapters"][name] = {
+                "state": ad.state, "reason": ad.reason, "sites": sorted(ad.sites),
+                "missing": list(ad.missing), "aliases": list(ad.aliases),
+                "imported": sorted(ad.modules), "summary": info.summary,
+            }
+        return out
+
+
+# --------------------------------------------------------------------------- install
+
+
+def _selection(settings: Any, explicit: bool) -> tuple[list[str], list[str]]:
+    known = set(REGISTRY)
+    requested = set(settings.adapters) if settings.adapters is not None else known
+    disabled = set(settings.disabled_adapters)
+    for label, names in (("adapters", requested), ("disabled_adapters", disabled - {"*"})):
+        unknown = names - known
+        if unknown:
+            raise SettingsError(label if explicit else f"METALGUARD_{label.upper()}",
+                                ",".join(sorted(unknown)), "adapter names among " + ", ".join(sorted(known)))
+    if "*" in disabled:
+        disabled = known
+    enabled = [n for n in REGISTRY if n in requested and n not in disabled]
+    return enabled, [n for n in REGISTRY if n not in enabled]
+
+
+def _norm(names: Iterable[str] | None) -> frozenset[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = names.split(",")
+    return frozenset(n.strip().lower().replace("-", "_") for n in names if n.strip())
+
+
+def _install(source: str, adapters: Iterable[str] | None, disabled_adapters: Iterable[str] | None,
+             strict: bool | None, rebind_aliases: bool | None, policy_kw: dict[str, Any]) -> dict[str, Any]:
+    global _state, _generation, _last_skip
+    from metal_guard import policy
+    from metal_guard.settings import get_settings
+
+    options = dict(policy_kw)
+    for key, value in (("adapters", _norm(adapters)), ("disabled_adapters", _norm(disabled_adapters)),
+                       ("strict", strict), ("rebind_aliases", rebind_aliases)):
+        if value is not None:
+            options[key] = value
+    settings = get_settings(**options)  # TypeError for an unknown keyword
+    if settings.disabled:
+        _last_skip = "kill switch METALGUARD_DISABLED=1: nothing installed"
+        log.info("metal-guard: %s", _last_skip)
+        return adapter_report()
+    enabled, disabled = _selection(settings, explicit=adapters is not None or disabled_adapters is not None)
+    with _lock:
+        if _state is not None:
+            if options and options != _state.options:
+                warnings.warn("metal_guard.install(): already installed with other options; "
+                              "call metal_guard.uninstall() first to change them", RuntimeWarning,
+                              stacklevel=3)
+            return adapter_report()
+        _generation += 1
+        gen = _generation
+        states = {n: _AdapterState(REGISTRY[n]) for n in enabled}
+        for n in disabled:
+            states[n] = _AdapterState(REGISTRY[n], DISABLED, "disabled by configuration")
+        _state = _State(gen, options, settings, source, states)
+        policy.ACTIVATION.generation = gen
+        policy.configure({k: v for k, v in options.items()
+                          if k not in ("adapters", "disabled_adapters", "strict", "rebind_aliases")})
+        _register_fork_handlers()
+        hooks = [(trigger, functools.partial(_on_import, name, gen))
+                 for name in enabled for trigger in REGISTRY[name].triggers]
+        _state.hooks = hooks
+    try:
+        for trigger, hook in hooks:
+            if not _current(gen):
+                break
+            _import_hooks.register(trigger, hook)  # runs the hook now if already imported
+    except BaseException:
+        uninstall()
+        raise
+    if not _current(gen):  # uninstalled concurrently: take our hooks back
+        for trigger, hook in hooks:
+            _import_hooks.unregister(trigger, hook)
+    log.info("metal-guard installed (%s): adapters %s", source, ", ".join(enabled) or "none")
+    return adapter_report()
+
+
+def _current(gen: int) -> bool:
+    return _state is not None and _state.generation == gen
+
+
+def autoload_install() -> dict[str, Any]:
+    """Entry point of the zero-code boot module (``METALGUARD_AUTOLOAD=1``)."""
+    return _install("autoload", None, None, None, None, {})
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def _on_import(name: str, gen: int, module: ModuleType) -> None:
+    """Post-import hook: wrap this module's targets of adapter ``name`` (generation ``gen``)."""
+    if not _current(gen):
+        return
+    info = REGISTRY[name]
+    try:
+        adapter = importlib.import_module(info.module)  # outside the lock (it imports wrapt)
+    except Exception as exc:
+        _fail(name, gen, f"adapter module {info.module} could not be imported: {type(exc).__name__}: {exc}", exc)
+        return
+    from metal_guard.adapters.base import wrap_site
+
+    with _lock:
+        if not _current(gen):
+            return
+        assert _state is not None
+        ad = _state.adapters[name]
+        strict = bool(_state.settings.strict)
+        rebind = bool(_state.settings.rebind_aliases)
+        ad.modules.add(module.__name__)
+        fresh: dict[int, tuple[Any, Any]] = {}
+        missing: list[str] = []
+        for target in getattr(adapter, "TARGETS", ()):
+            if target.module != module.__name__:
+                continue
+            try:
+                guard, created = wrap_site(module, target, generation=gen)
+            except Exception as exc:  # PathResolutionError: the target moved
+                if target.required:
+                    missing.append(f"{target.site} ({type(exc).__name__})")
+                log.debug("cannot wrap %s: %s", target.site, exc)
+                continue
+            ad.sites[target.site] = _Site(module, target.path, guard)
+            if created:
+                fresh[id(guard.__wrapped__)] = (guard.__wrapped__, guard)
+        if fresh:
+            ad.aliases.extend(_sweep(fresh, info.packages))
+            if rebind:
+                ad.aliases.extend(_sweep(fresh, None))
+        ad.missing.extend(m for m in missing if m not in ad.missing)
+        if ad.missing:
+            ad.state, ad.reason = DEGRADED, "targets not found: " + ", ".join(ad.missing)
+        elif ad.state != FAILED:
+            ad.state, ad.reason = PATCHED, ""
+    if missing:
+        message = f"metal-guard adapter {name!r} degraded: {', '.join(missing)} not found (library changed?)"
+        if strict:
+            uninstall()
+            raise AdapterError(message)
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    _call_adapter_hook(info, "on_patched", module)
+
+
+def _fail(name: str, gen: int, reason: str, exc: BaseException) -> None:
+    with _lock:
+        if not _current(gen):
+            return
+        assert _state is not None
+        ad = _state.adapters[name]
+        ad.state, ad.reason = FAILED, reason
+        strict = bool(_state.settings.strict)
+    if strict:
+        uninstall()
+        raise AdapterError(f"metal-guard adapter {name!r} failed: {reason}") from exc
+    log.warning("metal-guard adapter %r failed: %s", name, reason)
+    warnings.warn(f"metal-guard adapter {name!r} failed: {reason}", RuntimeWarning, stacklevel=2)
+
+
+def _call_adapter_hook(info: AdapterInfo, hook: str, *args: Any) -> None:
+    module = sys.modules.get(info.module)
+    fn = getattr(module, hook, None) if module is not None else None
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception as exc:
+        log.warning("adapter %s %s failed: %s", info.name, hook, exc)
+
+
+_SKIP_PREFIXES = ("metal_guard", "wrapt", "_metal_guard_boot")
+
+
+def _sweep(pairs: dict[int, tuple[Any, Any]], packages: tuple[str, ...] | None) -> list[str]:
+    """Rebind module globals that are (``is``) a key object to its replacement.
+
+    ``pairs`` maps ``id(old) -> (old, new)``. ``packages`` limits the sweep to those packages
+    and their submodules; ``None`` sweeps every module (user aliases).
+    """
+    rebound: list[str] = []
+    prefixes = tuple(p + "." for p in packages) if packages is not None else ()
+    for mod_name, module in list(sys.modules.items()):
+        if not isinstance(module, ModuleType):
+            continue
+        if packages is not None:
+            if mod_name not in packages and not mod_name.startswith(prefixes):
+                continue
+        elif mod_name.startswith(_SKIP_PREFIXES):
+            continue
+        try:
+            namespace = vars(module)
+        except TypeError:
+            continue
+        for key, value in list(namespace.items()):
+            pair = pairs.get(id(value))
+            if pair is not None and pair[0] is value:
+                try:
+                    setattr(module, key, pair[1])
+                except (AttributeError, TypeError):
+                    continue
+                rebound.append(f"{mod_name}:{key}")
+    return rebound
+
+
+# --------------------------------------------------------------------------- module == function
+#
+# ``metal_guard.install`` names both this module and the ``install()`` function (the same
+# pitfall as ``mlx_lm.generate``): once the submodule is imported — the zero-code boot does
+# that — the package attribute is the module. So the module is made callable, and its own
+# ``install`` attribute is the module too: ``metal_guard.install(...)``,
+# ``metal_guard.install.install(...)``, ``from metal_guard import install`` and
+# ``import metal_guard.install as mg; mg.uninstall()`` all work, whichever object a lookup returns.
+
+_install_function = install
+
+
+class _CallableModule(ModuleType):
+    def __call__(
+        self,
+        *,
+        adapters: Iterable[str] | None = None,
+        disabled_adapters: Iterable[str] | None = None,
+        strict: bool | None = None,
+        rebind_aliases: bool | None = None,
+        **policy: Any,
+    ) -> dict[str, Any]:
+        return _install_function(adapters=adapters, disabled_adapters=disabled_adapters,
+                                 strict=strict, rebind_aliases=rebind_aliases, **policy)
+
+
+_CallableModule.__call__.__doc__ = install.__doc__
+sys.modules[__name__].__class__ = _CallableModule
+globals()["install"] = sys.modules[__name__]

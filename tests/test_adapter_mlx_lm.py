@@ -1,0 +1,191 @@
+"""The mlx_lm adapter on the real library and the tiny local model (CPU MLX)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+mlx_lm = pytest.importorskip("mlx_lm")
+
+from metal_guard import install as mg  # noqa: E402
+from metal_guard.breadcrumbs import tail  # noqa: E402
+from metal_guard.errors import (  # noqa: E402
+    CadenceViolation,
+    KnownPanicModelError,
+    MetalOOMError,
+    ModelDoesNotFitError,
+)
+from metal_guard.resources import global_resource_tracker  # noqa: E402
+
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def raw(tiny_model_path: Path) -> dict[str, Any]:
+    """Unguarded reference outputs (metal-guard not installed)."""
+    assert not mg.is_installed()
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    text = mlx_lm.generate(model, tok, prompt=PROMPT, max_tokens=12)
+    stream = [r.text for r in mlx_lm.stream_generate(model, tok, prompt=PROMPT, max_tokens=12)]
+    return {"text": text, "stream": stream}
+
+
+@pytest.fixture
+def guarded(tiny_model_path: Path) -> Iterator[dict[str, Any]]:
+    report = mg.install(adapters=["mlx_lm"], cadence=False)
+    try:
+        yield report
+    finally:
+        mg.uninstall()
+
+
+def test_guarded_load_generate_stream_match_unguarded(raw: dict[str, Any], guarded: dict[str, Any],
+                                                      tiny_model_path: Path) -> None:
+    assert mg.adapter_report()["adapters"]["mlx_lm"]["state"] == "patched"
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    assert mlx_lm.generate(model, tok, prompt=PROMPT, max_tokens=12) == raw["text"]
+    stream = [r.text for r in mlx_lm.stream_generate(model, tok, prompt=PROMPT, max_tokens=12)]
+    assert stream == raw["stream"]
+    # the package-level and module-level names agree and are guarded
+    from metal_guard.adapters.base import count_guards
+
+    assert count_guards(mlx_lm.generate) == 1 and count_guards(mlx_lm.load) == 1
+
+
+def test_nested_generate_is_counted_once(guarded: dict[str, Any], tiny_model_path: Path) -> None:
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    tracker = global_resource_tracker()
+    before = tracker.count
+    mlx_lm.generate(model, tok, prompt=PROMPT, max_tokens=4)  # generate -> stream_generate
+    assert tracker.count == before + 1
+    for _ in mlx_lm.stream_generate(model, tok, prompt=PROMPT, max_tokens=4):
+        pass
+    assert tracker.count == before + 2
+
+
+def test_batch_generate_counts_each_prompt(guarded: dict[str, Any], tiny_model_path: Path) -> None:
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    prompts = [tok.encode(p) for p in ("one two", "three four five", "six")]
+    tracker = global_resource_tracker()
+    before = tracker.count
+    out = mlx_lm.batch_generate(model, tok, prompts, max_tokens=3)
+    assert len(out.texts) == 3
+    assert tracker.count == before + 3  # batch_generate once; inner insert/next are nested
+
+
+def test_stream_close_and_return_through_the_guard(guarded: dict[str, Any], tiny_model_path: Path) -> None:
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    gen = mlx_lm.stream_generate(model, tok, prompt=PROMPT, max_tokens=20)
+    first = next(gen)
+    assert isinstance(first.text, str)
+    gen.close()
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_load_records_breadcrumbs_ledger_and_heartbeat(guarded: dict[str, Any], tiny_model_path: Path) -> None:
+    from metal_guard.memory import ledger_entries
+    from metal_guard.status import read_published_memory
+
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    mlx_lm.generate(model, tok, prompt=PROMPT, max_tokens=3)
+    crumbs = [(b.tag, b.payload, b.meta.get("model")) for b in tail(20)]
+    assert ("LOAD", "START", str(tiny_model_path)) in crumbs
+    assert ("LOAD", "DONE", str(tiny_model_path)) in crumbs
+    entries = ledger_entries()
+    assert any(e["model"] == str(tiny_model_path.resolve()) and e["peak_bytes"] > 0 for e in entries)
+    beats = read_published_memory()
+    assert beats and beats[0]["label"] == str(tiny_model_path)
+
+
+def test_cadence_refuses_a_quick_reload(tiny_model_path: Path) -> None:
+    mg.install(adapters=["mlx_lm"], cadence=True)
+    try:
+        mlx_lm.load(str(tiny_model_path))
+        with pytest.raises(CadenceViolation):
+            mlx_lm.load(str(tiny_model_path))
+    finally:
+        mg.uninstall()
+
+
+def test_observer_mode_lets_a_cadence_violation_through(tiny_model_path: Path) -> None:
+    mg.install(adapters=["mlx_lm"], cadence=True, mode="observer")
+    try:
+        mlx_lm.load(str(tiny_model_path))
+        model, _ = mlx_lm.load(str(tiny_model_path))
+        assert model is not None
+    finally:
+        mg.uninstall()
+    observed = [b for b in tail(30) if b.tag == "OBSERVE"]
+    assert any("cadence would refuse" in b.payload for b in observed)
+
+
+def test_known_panic_model_is_refused_before_loading(guarded: dict[str, Any]) -> None:
+    from metal_guard.knowledge.registry import models_by_tier
+
+    panic_model = models_by_tier("panic")[0]
+    with pytest.raises(KnownPanicModelError):
+        mlx_lm.load(panic_model)
+
+
+def test_model_that_cannot_fit_is_refused_before_loading(guarded: dict[str, Any]) -> None:
+    with pytest.raises(ModelDoesNotFitError):
+        mlx_lm.load("mlx-community/Llama-3-900B-Instruct-4bit")  # ~450 GB: refused by size
+
+
+def test_fit_check_off_reaches_the_loader(tiny_model_path: Path) -> None:
+    mg.install(adapters=["mlx_lm"], cadence=False, fit_check=False)
+    try:
+        with pytest.raises(Exception) as info:  # offline: the hub lookup itself fails
+            mlx_lm.load("mlx-community/Llama-3-900B-Instruct-4bit")
+        assert not isinstance(info.value, ModelDoesNotFitError)
+    finally:
+        mg.uninstall()
+
+
+def test_oom_during_generation_becomes_metal_oom_error(guarded: dict[str, Any], tiny_model_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MLX OOM raised inside generate_step (what mlx >= 0.32 raises on Metal) surfaces as
+    MetalOOMError from the guarded stream, with a recovery breadcrumb."""
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    module = __import__("sys").modules["mlx_lm.generate"]
+    real_step = module.generate_step
+
+    def failing_step(*args: Any, **kwargs: Any) -> Any:
+        steps = real_step(*args, **kwargs)
+        yield next(steps)
+        raise RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory "
+                           "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory).")
+
+    monkeypatch.setattr(module, "generate_step", failing_step)
+    with pytest.raises(MetalOOMError) as info:
+        for _ in mlx_lm.stream_generate(model, tok, prompt=PROMPT, max_tokens=10):
+            pass
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, MemoryError)
+    assert "Insufficient Memory" in str(info.value.__cause__)
+    assert any(b.tag == "OOM_RECOVERY" for b in tail(10))
+
+
+def test_isolated_model_block_routes_runner_calls_to_the_worker(guarded: dict[str, Any],
+                                                                tiny_model_path: Path) -> None:
+    """Inside ``with isolated_model(...) as m``, mlx_lm calls given ``m`` run in the worker;
+    calls with an in-process model still run here, guarded."""
+    isolation = pytest.importorskip("metal_guard.isolation.context")
+    from metal_guard.adapters.mlx_lm import IsolatedResponse
+
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    tracker = global_resource_tracker()
+    with isolation.isolated_model(str(tiny_model_path)) as runner:
+        before = tracker.count
+        text = mlx_lm.generate(runner, None, prompt="hello", max_tokens=6)
+        chunks = list(mlx_lm.stream_generate(runner, None, "hello", 6))
+        assert tracker.count == before  # nothing generated in this process
+        local = mlx_lm.generate(model, tok, prompt="hello", max_tokens=3)
+        assert tracker.count == before + 1
+    assert isinstance(text, str) and isinstance(local, str)
+    assert chunks and all(isinstance(c, IsolatedResponse) for c in chunks)
+    assert chunks[-1].finish_reason == "stop"
+    assert "".join(c.text for c in chunks) == text
