@@ -112,6 +112,8 @@ _export("metal_guard.bench", "bench_scoped_load")
 _export("metal_guard.install", "install", "uninstall", "is_installed", "adapter_report",
         "register_adapter", "AdapterInfo")
 _export("metal_guard.guards", "guarded_generate", "guard_policy", "suppressed")
+_export("metal_guard.demo", "run_demo", "DemoResult")
+_export("metal_guard.adapters.langchain", "MetalGuardCallbackHandler")
 _export("metal_guard.lock", "acquire_mlx_lock", "release_mlx_lock", "read_mlx_lock", "mlx_exclusive_lock")
 _export(
     "metal_guard.cadence",

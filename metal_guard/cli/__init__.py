@@ -48,6 +48,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "metal_guard.cli.state",
     "metal_guard.cli.knowledge",
     "metal_guard.cli.run",
+    "metal_guard.cli.demo",
 )
 
 #: Subcommand -> the module that registers it. Lets ``main`` import only the module of the
@@ -71,6 +72,7 @@ _COMMANDS: dict[str, str] = {
     "advisories": "metal_guard.cli.knowledge",
     "registry": "metal_guard.cli.knowledge",
     "run": "metal_guard.cli.run",
+    "demo": "metal_guard.cli.demo",
 }
 
 #: The subcommand run when none is given (the seed runs ``status``).

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A guarded mlx_lm.server with zero code change: `metal-guard run -- <the usual command>`.
+#
+#   examples/server_zero_code.sh [MODEL]          (PORT=8089 by default)
+#
+# Starts the server on 127.0.0.1, asks it one chat completion, reads metal-guard's status and
+# Prometheus routes, then stops it. Under metal-guard a Metal OOM answers HTTP 503 with a JSON
+# error (and the server keeps serving) instead of 404 / a dead generation thread; model switches
+# respect the load cadence; GET /metal-guard/status and GET /metrics are added.
+# Without MODEL it uses the tiny local model `metal-guard demo` builds (offline).
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+PORT="${PORT:-8089}"
+MODEL="${1:-$("$PYTHON" -c 'from metal_guard.tinymodel import default_dir, ensure_tiny_lm; print(ensure_tiny_lm(default_dir("lm")))')}"
+BASE="http://127.0.0.1:${PORT}"
+
+metal-guard run -- mlx_lm.server --model "$MODEL" --host 127.0.0.1 --port "$PORT" &
+SERVER=$!   # `metal-guard run` execs the command: this is the server's own pid
+trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
+
+for _ in $(seq 1 240); do
+    if curl -fsS "$BASE/health" >/dev/null 2>&1; then break; fi
+    if ! kill -0 "$SERVER" 2>/dev/null; then echo "the server exited" >&2; exit 1; fi
+    sleep 0.5
+done
+
+echo "== chat completion"
+curl -fsS "$BASE/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'
+echo
+echo "== GET /metal-guard/status (excerpt)"
+curl -fsS "$BASE/metal-guard/status" | "$PYTHON" -c '
+import json, sys
+snap = json.load(sys.stdin)
+print(json.dumps({"health": snap["health"], "adapters": snap["adapters"], "server": snap["server"]}, indent=2))'
+echo "== GET /metrics (server lines)"
+curl -fsS "$BASE/metrics" | grep '^metal_guard_server_'

@@ -1,0 +1,311 @@
+"""The mlx_lm.server adapter on a real in-process ``mlx_lm.server`` (tiny model, CPU MLX).
+
+The server is the library's own ``ModelProvider`` / ``ResponseGenerator`` / ``APIHandler`` on a
+``ThreadingHTTPServer`` bound to 127.0.0.1 — only the argparse step of ``main()`` is skipped.
+OOMs are real exceptions raised from inside the generation step by the adapter's test-only
+fault (``METALGUARD_TEST_SERVER_OOM_EVERY``), carrying MLX's exact Metal OOM text.
+``tests/e2e/test_server.py`` runs the real ``python -m mlx_lm server`` under ``metal-guard run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import threading
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+server = pytest.importorskip("mlx_lm.server")
+
+from metal_guard import install as mg  # noqa: E402
+from metal_guard.adapters import _server_http as http  # noqa: E402
+
+
+def server_args(model: Path, **over: Any) -> argparse.Namespace:
+    """The Namespace ``mlx_lm.server.main()`` would build (0.32.2 defaults)."""
+    values: dict[str, Any] = dict(
+        model=str(model), adapter_path=None, draft_model=None, num_draft_tokens=3,
+        trust_remote_code=False, chat_template="", use_default_chat_template=False, temp=0.0,
+        top_p=1.0, top_k=0, min_p=0.0, max_tokens=16, chat_template_args={},
+        decode_concurrency=32, prompt_concurrency=8, prefill_step_size=2048, prompt_cache_size=10,
+        prompt_cache_bytes=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
+        pipeline=False, allowed_origins=["*"], host="127.0.0.1", port=0, log_level="INFO")
+    values.update(over)
+    return argparse.Namespace(**values)
+
+
+class Server:
+    def __init__(self, model: Path, **over: Any) -> None:
+        from http.server import ThreadingHTTPServer
+
+        self.provider = server.ModelProvider(server_args(model, **over))
+        self.generator = server.ResponseGenerator(
+            self.provider, server.LRUPromptCache(self.provider.cli_args.prompt_cache_size))
+        self.httpd = ThreadingHTTPServer(
+            ("127.0.0.1", 0), lambda *a, **k: server.APIHandler(self.generator, *a, **k))
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def request(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        status, _headers, raw = self.request(path, body)
+        return status, json.loads(raw)
+
+    def complete(self, prompt: str = "hello there", **extra: Any) -> tuple[int, dict[str, Any]]:
+        return self.post("/v1/completions", {"prompt": prompt, "max_tokens": 4, **extra})
+
+    def state(self) -> http.ServerState:
+        return http.state_for(self.provider)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.generator.stop_and_join()
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def start(model: Path, **over: Any) -> Server:
+        srv = Server(model, **over)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+@pytest.fixture
+def installed() -> Iterator[None]:
+    mg.install()
+    try:
+        yield
+    finally:
+        mg.uninstall()
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Path:
+    from metal_guard.tinymodel import ensure_tiny_lm
+
+    return ensure_tiny_lm(tmp_path_factory.mktemp("second") / "tiny-lm-b", seed=1)
+
+
+def test_sites_patched() -> None:
+    report = mg.install(adapters=["mlx_lm", "mlx_lm_server"])
+    try:
+        row = report["adapters"]["mlx_lm_server"]
+        assert row["state"] == "patched", row
+        assert "mlx_lm.server:ModelProvider._load" in row["sites"]
+        assert "mlx_lm.server:APIHandler.do_GET" in row["sites"]
+    finally:
+        mg.uninstall()
+
+
+def test_completions_chat_and_status_routes(installed: None, start_server: Callable[..., Server],
+                                            tiny_model_path: Path) -> None:
+    srv = start_server(tiny_model_path)
+    status, body = srv.complete()
+    assert status == 200 and body["choices"][0]["text"]
+    status, body = srv.post("/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+
+    status, _h, raw = srv.request("/metal-guard/status")
+    assert status == 200
+    snap = json.loads(raw)
+    import jsonschema
+
+    from metal_guard.status import status_schema
+
+    jsonschema.validate(snap, status_schema())
+    assert snap["server"]["generation_alive"] is True
+    assert snap["server"]["model"] == str(tiny_model_path)
+    assert snap["server"]["requests_total"] == 2
+    assert snap["server"]["model_loads_total"] == 1
+    assert snap["adapters"]["mlx_lm_server"] == "patched"
+
+    status, headers, raw = srv.request("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = raw.decode()
+    assert "metal_guard_server_requests_total 2" in text
+    assert "metal_guard_server_generation_up 1" in text
+    # upstream routes still work, unknown ones still 404
+    assert srv.request("/health")[0] == 200
+    assert srv.request("/nope")[0] == 404
+
+
+def test_oom_in_batched_loop_answers_503_and_keeps_serving(
+        monkeypatch: pytest.MonkeyPatch, start_server: Callable[..., Server], tiny_model_path: Path) -> None:
+    monkeypatch.setenv("METALGUARD_TEST_SERVER_OOM_EVERY", "2")
+    mg.install()
+    try:
+        srv = start_server(tiny_model_path)
+        assert srv.complete()[0] == 200
+        status, headers, raw = srv.request("/v1/completions", {"prompt": "again", "max_tokens": 4})
+        assert status == 503
+        body = json.loads(raw)
+        assert body["type"] == "metal_oom" and "Insufficient Memory" in body["error"]
+        assert headers["Retry-After"] == "1"
+        # the generation thread survived: the next requests succeed
+        assert srv.complete()[0] == 200
+        assert srv.request("/health")[0] == 200
+        counters = srv.state().counters
+        assert counters["oom_recoveries_total"] == 1 and counters["responses_503_total"] == 1
+        assert srv.generator.generation_available()
+    finally:
+        mg.uninstall()
+
+
+def test_oom_on_sequential_path_answers_503_and_drops_prompt_cache(
+        monkeypatch: pytest.MonkeyPatch, start_server: Callable[..., Server], tiny_model_path: Path) -> None:
+    monkeypatch.setenv("METALGUARD_TEST_SERVER_OOM_EVERY", "2")
+    mg.install()
+    try:
+        srv = start_server(tiny_model_path)
+        # a seed makes mlx_lm.server serve the request sequentially (stream_generate)
+        assert srv.complete(seed=1)[0] == 200
+        assert len(srv.generator.prompt_cache) == 1
+        status, body = srv.complete("other prompt", seed=1)
+        assert status == 503 and body["type"] == "metal_oom"
+        assert len(srv.generator.prompt_cache) == 0  # released after the OOM
+        assert srv.state().counters["oom_recoveries_total"] == 0  # the loop never died
+        assert srv.state().last_oom is not None and srv.state().last_oom["where"] == "sequential"
+        assert srv.complete(seed=1)[0] == 200
+    finally:
+        mg.uninstall()
+
+
+def test_oom_mid_stream_ends_the_stream_with_an_error_event(
+        monkeypatch: pytest.MonkeyPatch, start_server: Callable[..., Server], tiny_model_path: Path) -> None:
+    monkeypatch.setenv("METALGUARD_TEST_SERVER_OOM_EVERY", "1")
+    mg.install()
+    try:
+        srv = start_server(tiny_model_path)
+        status, _headers, raw = srv.request("/v1/completions",
+                                            {"prompt": "stream me", "max_tokens": 4, "stream": True})
+        assert status == 200  # the SSE headers were on the wire before the OOM
+        events = [line[len("data: "):] for line in raw.decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last["type"] == "metal_oom"
+    finally:
+        mg.uninstall()
+    # uninstalled: the fault is gone and the same server answers normally
+    assert srv.complete()[0] == 200
+
+
+def test_model_switch_releases_previous_model_and_enforces_cadence(
+        installed: None, start_server: Callable[..., Server], tiny_model_path: Path,
+        second_model: Path) -> None:
+    srv = start_server(tiny_model_path)
+    assert srv.complete()[0] == 200
+    first = weakref.ref(srv.provider.model)
+    assert len(srv.generator.prompt_cache) == 1
+
+    status, _body = srv.complete(model=str(second_model))
+    assert status == 200
+    gc.collect()
+    assert first() is None  # the previous model was released
+    assert srv.provider.model_key[0] == str(second_model)
+    # the first model's prompt-cache entry was dropped with it
+    assert len(srv.generator.prompt_cache) == 1
+
+    # switching back within the cadence interval (180 s) is refused; the current model serves on
+    status, headers, raw = srv.request("/v1/completions",
+                                       {"prompt": "x", "max_tokens": 2, "model": str(tiny_model_path)})
+    assert status == 503
+    body = json.loads(raw)
+    assert body["type"] == "model_switch_cadence" and int(headers["Retry-After"]) > 100
+    assert srv.provider.model_key[0] == str(second_model)
+    assert srv.complete(model=str(second_model))[0] == 200
+    counters = srv.state().counters
+    assert counters["model_loads_total"] == 2 and counters["model_switch_refused_total"] == 1
+
+    from metal_guard.policy import model_id_of
+
+    assert model_id_of(srv.provider.model) == str(second_model)
+
+
+def test_startup_load_waits_out_the_cadence(monkeypatch: pytest.MonkeyPatch,
+                                            start_server: Callable[..., Server],
+                                            tiny_model_path: Path) -> None:
+    import time
+
+    from metal_guard.cadence import CadenceGuard
+
+    monkeypatch.setenv("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "1.0")
+    CadenceGuard().mark_load(str(tiny_model_path))  # "the server crashed and restarted at once"
+    mg.install()
+    try:
+        started = time.monotonic()
+        srv = start_server(tiny_model_path)
+        assert srv.complete()[0] == 200
+        assert time.monotonic() - started >= 0.8
+        assert srv.state().counters["cadence_waits_total"] == 1
+    finally:
+        mg.uninstall()
+
+
+@pytest.mark.parametrize("cap", [None, 150_000])
+def test_prompt_cache_byte_cap_on_sequential_path(monkeypatch: pytest.MonkeyPatch, cap: int | None,
+                                                  start_server: Callable[..., Server],
+                                                  tiny_model_path: Path) -> None:
+    if cap is not None:
+        monkeypatch.setenv("METALGUARD_PROMPT_CACHE_MAX_BYTES", str(cap))
+    mg.install()
+    try:
+        srv = start_server(tiny_model_path)
+        for prompt in ("alpha beta", "gamma delta", "epsilon zeta"):
+            assert srv.complete(prompt, seed=3)[0] == 200  # seeded: the sequential path
+        cache = srv.generator.prompt_cache
+        if cap is None:
+            assert len(cache) == 3  # mlx_lm.server bounds only the entry count here
+        else:
+            assert cache.nbytes <= cap and len(cache) == 1
+            _status, _h, raw = srv.request("/metal-guard/status")
+            assert json.loads(raw)["server"]["prompt_cache_max_bytes"] == cap
+    finally:
+        mg.uninstall()
+
+
+def test_uninstall_removes_the_routes(start_server: Callable[..., Server], tiny_model_path: Path) -> None:
+    mg.install()
+    srv = start_server(tiny_model_path)
+    assert srv.request("/metal-guard/status")[0] == 200
+    mg.uninstall()
+    assert srv.request("/metal-guard/status")[0] == 404
+    assert srv.complete()[0] == 200
+
+
+def test_unavailable_classification() -> None:
+    from metal_guard.errors import CadenceViolation, MetalOOMError, ModelDoesNotFitError
+
+    assert http.unavailable(RuntimeError("[malloc] Unable to allocate 1024 bytes.")) == ("metal_oom", 1)
+    # a resource-limit (descriptor leak) error is not an OOM: not turned into a 503
+    assert http.unavailable(RuntimeError("[metal::malloc] Resource limit (499000) exceeded.")) is None
+    assert http.unavailable(MetalOOMError("x")) == ("metal_oom", 1)
+    kind, retry = http.unavailable(CadenceViolation("m", last_ts=0.0, min_interval=180.0, delta=10.0))
+    assert kind == "model_switch_cadence" and retry == 170
+    assert http.unavailable(ModelDoesNotFitError("too big")) == ("model_does_not_fit", None)
+    assert http.unavailable(RuntimeError("generation thread died"))[0] == "generation_unavailable"  # type: ignore[index]
+    assert http.unavailable(ValueError("bad request")) is None
