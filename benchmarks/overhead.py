@@ -40,7 +40,7 @@ def _per_call(fn: Any, n: int, repeat: int = 7) -> float:
 
 
 def bench_guards(quick: bool) -> dict[str, float]:
-    from metal_guard import install as mg
+    from metal_guard import installer as mg
     from metal_guard.adapters.base import guard_wrapper, make_guard
     from metal_guard.guards import guarded_generate
     from metal_guard.policy import CallInfo
@@ -110,7 +110,7 @@ def bench_guards(quick: bool) -> dict[str, float]:
 def bench_e2e(quick: bool) -> dict[str, float]:
     import mlx_lm
 
-    from metal_guard import install as mg
+    from metal_guard import installer as mg
     from metal_guard.settings import get_settings
     from metal_guard.tinymodel import ensure_tiny_lm
 

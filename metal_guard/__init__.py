@@ -109,7 +109,7 @@ _export(
 )
 _export("metal_guard.resources", "ResourceTracker", "global_resource_tracker")
 _export("metal_guard.bench", "bench_scoped_load")
-_export("metal_guard.install", "install", "uninstall", "is_installed", "adapter_report",
+_export("metal_guard.installer", "install", "uninstall", "is_installed", "adapter_report",
         "register_adapter", "AdapterInfo")
 _export("metal_guard.guards", "guarded_generate", "guard_policy", "suppressed")
 _export("metal_guard.demo", "run_demo", "DemoResult")

@@ -158,7 +158,7 @@ def run_demo(*, max_tokens: int = 12, home: str | None = None, keep_home: bool =
             exit_code = 2 if isinstance(exc, MLXCooldownActive) else 4
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            from metal_guard import install as mg
+            from metal_guard import installer as mg
 
             mg.uninstall()
     return DemoResult(
@@ -175,7 +175,7 @@ def _load(mlx_lm: Any, path: Path) -> tuple[Any, Any]:
 
 
 def _pipeline(run: _Runner, models: dict[str, Path], max_tokens: int) -> None:
-    from metal_guard import install as mg
+    from metal_guard import installer as mg
     from metal_guard.tinymodel import ensure_tiny_lm, is_tiny_model
 
     with run.step("models", "tiny models") as step:

@@ -39,14 +39,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _installed() -> bool:
-    module = sys.modules.get("metal_guard.install")
+    module = sys.modules.get("metal_guard.installer")
     return bool(module is not None and module.is_installed())
 
 
 @pytest.fixture
 def metal_guard_installed(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """metal-guard installed for this test (``@pytest.mark.metal_guard(**options)``)."""
-    from metal_guard import install as mg
+    from metal_guard import installer as mg
 
     if mg.is_installed():
         pytest.fail("metal-guard is already installed; the metal_guard_installed fixture needs a "
@@ -76,7 +76,7 @@ def _leak_check(item: pytest.Item) -> None:
     mode = item.config.getoption("--metal-guard-leak-check") or item.config.getini("metal_guard_leak_check")
     if mode == "off" or item.stash.get(_before_key, True) or not _installed():
         return
-    from metal_guard import install as mg
+    from metal_guard import installer as mg
 
     sites = [site for ad in mg.adapter_report()["adapters"].values() for site in ad["sites"]]
     mg.uninstall()

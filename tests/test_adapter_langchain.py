@@ -17,7 +17,7 @@ pytest.importorskip("langchain_community")
 
 from langchain_core.messages import HumanMessage
 
-from metal_guard import install as mg
+from metal_guard import installer as mg
 from metal_guard.adapters.base import count_guards
 from metal_guard.errors import MetalOOMError, PanicCooldownActive
 from metal_guard.resources import global_resource_tracker
@@ -265,7 +265,7 @@ def _fresh(code: str, *prefix: str) -> dict[str, Any]:
 def test_install_before_import_in_a_fresh_interpreter(tiny_model_path: Path) -> None:
     out = _fresh(f"""
         import json, sys, warnings
-        from metal_guard import install as mg
+        from metal_guard import installer as mg
         mg.install(cadence=False)
         assert "langchain_community" not in sys.modules and "wrapt" not in sys.modules
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -296,7 +296,7 @@ def test_zero_code_activation_reaches_any_langchain_llm() -> None:
         from langchain_core.language_models.fake import FakeListLLM
         FakeListLLM(responses=["ok"]).invoke("x")
         from metal_guard.adapters.langchain import callback_handler
-        from metal_guard import install as mg
+        from metal_guard import installer as mg
         print(json.dumps({"installed": mg.is_installed(),
                           "completed": callback_handler().stats()["total"]["completed"]}))
     """, sys.executable, "-m", "metal_guard", "run", "--")

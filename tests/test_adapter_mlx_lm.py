@@ -10,7 +10,7 @@ import pytest
 
 mlx_lm = pytest.importorskip("mlx_lm")
 
-from metal_guard import install as mg  # noqa: E402
+from metal_guard import installer as mg  # noqa: E402
 from metal_guard.breadcrumbs import tail  # noqa: E402
 from metal_guard.errors import (  # noqa: E402
     CadenceViolation,

@@ -24,7 +24,7 @@ import pytest
 
 server = pytest.importorskip("mlx_lm.server")
 
-from metal_guard import install as mg  # noqa: E402
+from metal_guard import installer as mg  # noqa: E402
 from metal_guard.adapters import _server_http as http  # noqa: E402
 
 

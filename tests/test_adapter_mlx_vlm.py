@@ -14,7 +14,7 @@ import pytest
 
 mlx_vlm = pytest.importorskip("mlx_vlm")
 
-from metal_guard import install as mg  # noqa: E402
+from metal_guard import installer as mg  # noqa: E402
 from metal_guard.adapters.base import count_guards  # noqa: E402
 from metal_guard.breadcrumbs import tail  # noqa: E402
 from metal_guard.errors import MetalOOMError, ModelDoesNotFitError  # noqa: E402
@@ -128,7 +128,7 @@ def test_fit_check_refuses_a_vlm_that_does_not_fit(monkeypatch: pytest.MonkeyPat
 def test_install_before_import_in_a_fresh_interpreter(tiny_vlm_path: Path, tiny_image_path: Path) -> None:
     code = textwrap.dedent(f"""
         import json, sys
-        from metal_guard import install as mg
+        from metal_guard import installer as mg
         mg.install(adapters=["mlx_vlm"], cadence=False)
         assert "mlx_vlm" not in sys.modules and "wrapt" not in sys.modules
         import mlx_vlm

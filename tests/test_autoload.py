@@ -98,7 +98,7 @@ GUARDED = """
     import json, sys
     import mlx_lm, mlx_lm.server
     import metal_guard
-    from metal_guard import install as mg
+    from metal_guard import installer as mg
     from metal_guard.adapters.base import count_guards
     r = mg.adapter_report()
     print(json.dumps({
@@ -183,7 +183,7 @@ def test_metal_guard_run_uses_the_pth(venv: Venv, tmp_path: Path) -> None:
 def test_boot_triggers_match_the_registry() -> None:
     import importlib.util
 
-    from metal_guard.install import REGISTRY
+    from metal_guard.installer import REGISTRY
 
     path = ROOT / "metal_guard" / "autoload" / "startup" / "_metal_guard_boot.py"
     spec = importlib.util.spec_from_file_location("_boot_under_test", path)
@@ -203,7 +203,7 @@ def test_sitecustomize_shim_activates_and_chains_the_users(tmp_path: Path) -> No
     code = textwrap.dedent("""
         import json, os, sys
         import mlx_lm
-        from metal_guard import install as mg
+        from metal_guard import installer as mg
         print(json.dumps({"user": os.environ.get("USER_SITECUSTOMIZE_RAN"),
                           "installed": mg.is_installed(), "source": mg.adapter_report()["source"]}))
     """)

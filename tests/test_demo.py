@@ -92,7 +92,7 @@ def test_demo_keep_home_and_usage_errors(tmp_path: Path) -> None:
 
 
 def test_run_demo_in_process_restores_the_environment(metalguard_home: Path) -> None:
-    from metal_guard import install as mg
+    from metal_guard import installer as mg
     from metal_guard.demo import run_demo
 
     seen: list[tuple[str, bool]] = []

@@ -21,7 +21,7 @@ import pytest
 import wrapt
 
 from metal_guard import _import_hooks
-from metal_guard import install as mg
+from metal_guard import installer as mg
 from metal_guard.adapters.base import count_guards, find_guard
 from metal_guard.errors import AdapterError, SettingsError
 
@@ -433,3 +433,15 @@ def test_registry_triggers_match_adapter_targets() -> None:
     assert set(mg.REGISTRY["mlx_lm"].triggers) == {t.module for t in adapter.TARGETS}
     with pytest.raises(ValueError, match="already registered"):
         mg.register_adapter(mg.REGISTRY["mlx_lm"])
+
+
+def test_install_stays_a_function_after_the_module_is_imported() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import metal_guard, metal_guard.installer, types; "
+        "print(isinstance(metal_guard.install, types.FunctionType), callable(metal_guard.uninstall))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]

@@ -49,8 +49,8 @@ PROBE = textwrap.dedent("""
 """)
 
 IMPORT = "import mlx_lm, mlx_lm.server"
-INSTALL = "import metal_guard; from metal_guard import install as mg; mg.install(adapters=['mlx_lm'])"
-UNINSTALL = "from metal_guard import install as mg; mg.uninstall()"
+INSTALL = "import metal_guard; from metal_guard import installer as mg; mg.install(adapters=['mlx_lm'])"
+UNINSTALL = "from metal_guard import installer as mg; mg.uninstall()"
 
 CASES = {
     "install-import": ([INSTALL, IMPORT], 1),
@@ -101,7 +101,7 @@ def test_install_imports_nothing_until_a_target_is_imported(tmp_path: Path) -> N
         import json, sys
         before = set(sys.modules)
         import metal_guard
-        metal_guard_install = __import__("metal_guard.install", fromlist=["install"])
+        metal_guard_install = __import__("metal_guard.installer", fromlist=["install"])
         report = metal_guard_install.install()
         heavy = sorted(m for m in set(sys.modules) - before
                        if m.split(".")[0] in ("wrapt", "mlx", "mlx_lm", "mlx_vlm", "numpy",

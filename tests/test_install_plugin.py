@@ -23,22 +23,22 @@ import metal_guard
 def test_with_fixture(metal_guard_installed):
     assert metal_guard_installed["installed"] is True
     assert metal_guard_installed["options"]["cadence"] is False
-    from metal_guard import install
+    from metal_guard import installer as install
     assert install.is_installed()
 
 
 def test_leaks():
-    from metal_guard import install
+    from metal_guard import installer as install
     install.install(adapters=["mlx_lm"])
 
 
 def test_after_the_leak_starts_clean():
-    from metal_guard import install
+    from metal_guard import installer as install
     assert not install.is_installed()
 
 
 def test_cleans_up_itself():
-    from metal_guard import install
+    from metal_guard import installer as install
     install.install()
     install.uninstall()
 '''
@@ -87,5 +87,5 @@ def test_loading_the_plugin_imports_nothing_heavy() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     new = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not [m for m in new if m.startswith(("wrapt", "mlx", "metal_guard.install",
+    assert not [m for m in new if m.startswith(("wrapt", "mlx", "metal_guard.installer",
                                                  "metal_guard.settings", "metal_guard.adapters"))], new

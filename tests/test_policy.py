@@ -278,7 +278,7 @@ def test_forked_child_after_metal_use_is_poisoned_and_install_lock_is_fresh(tmp_
     forced on here)."""
     code = textwrap.dedent("""
         import os, sys, threading, time
-        from metal_guard import install as mg, policy
+        from metal_guard import installer as mg, policy
         from metal_guard.guards import guarded_generate
         policy.FORK_POISON_PLATFORMS = (sys.platform,)
         mg.install(adapters=[])

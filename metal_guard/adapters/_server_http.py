@@ -247,7 +247,7 @@ def server_section(handler: Any) -> dict[str, Any]:
 
 
 def status_payload(handler: Any) -> dict[str, Any]:
-    from metal_guard.install import adapter_report
+    from metal_guard.installer import adapter_report
     from metal_guard.status import get_status_snapshot, snapshot_health
 
     snap = get_status_snapshot()

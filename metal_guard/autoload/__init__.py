@@ -62,7 +62,7 @@ def autoload_info() -> dict[str, Any]:
 
 def doctor_section() -> dict[str, Any]:
     """The integration section of ``metal-guard doctor``."""
-    from metal_guard.install import adapter_report
+    from metal_guard.installer import adapter_report
 
     report = adapter_report()
     return {

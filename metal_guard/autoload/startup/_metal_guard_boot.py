@@ -11,7 +11,7 @@ Python >= 3.15). It therefore imports nothing at module level and does nothing a
    import of a package metal-guard adapts (``mlx_lm``, ``mlx_vlm``, ``langchain_community``,
    ``langchain_core``);
 3. at that moment — before the package's own code runs — it calls
-   ``metal_guard.install.autoload_install()``, which hooks the package's defining modules.
+   ``metal_guard.installer.autoload_install()``, which hooks the package's defining modules.
    If such a package was already imported during start-up, ``install()`` runs at step 1.
 
 It never raises: a failure is one line on stderr and the interpreter carries on unguarded.
@@ -19,7 +19,7 @@ It never raises: a failure is one line on stderr and the interpreter carries on 
 """
 
 #: Top-level packages whose first import activates metal-guard. Kept equal to the top-level
-#: names of ``metal_guard.install.REGISTRY``'s trigger modules (a test checks it).
+#: names of ``metal_guard.installer.REGISTRY``'s trigger modules (a test checks it).
 TRIGGERS = frozenset({"mlx_lm", "mlx_vlm", "langchain_community", "langchain_core"})
 
 _started = False
@@ -137,7 +137,7 @@ def _install():
         return
     _installed = True
     try:
-        from metal_guard.install import autoload_install
+        from metal_guard.installer import autoload_install
 
         autoload_install()
     except KeyboardInterrupt:

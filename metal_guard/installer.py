@@ -38,7 +38,7 @@ from typing import Any
 from metal_guard import _import_hooks
 from metal_guard.errors import AdapterError, SettingsError
 
-log = logging.getLogger("metal_guard.install")
+log = logging.getLogger("metal_guard.installer")
 
 __all__ = [
     "REGISTRY", "AdapterInfo", "adapter_report", "install", "is_installed", "register_adapter",
@@ -434,34 +434,3 @@ def _sweep(pairs: dict[int, tuple[Any, Any]], packages: tuple[str, ...] | None) 
                     continue
                 rebound.append(f"{mod_name}:{key}")
     return rebound
-
-
-# --------------------------------------------------------------------------- module == function
-#
-# ``metal_guard.install`` names both this module and the ``install()`` function (the same
-# pitfall as ``mlx_lm.generate``): once the submodule is imported — the zero-code boot does
-# that — the package attribute is the module. So the module is made callable, and its own
-# ``install`` attribute is the module too: ``metal_guard.install(...)``,
-# ``metal_guard.install.install(...)``, ``from metal_guard import install`` and
-# ``import metal_guard.install as mg; mg.uninstall()`` all work, whichever object a lookup returns.
-
-_install_function = install
-
-
-class _CallableModule(ModuleType):
-    def __call__(
-        self,
-        *,
-        adapters: Iterable[str] | None = None,
-        disabled_adapters: Iterable[str] | None = None,
-        strict: bool | None = None,
-        rebind_aliases: bool | None = None,
-        **policy: Any,
-    ) -> dict[str, Any]:
-        return _install_function(adapters=adapters, disabled_adapters=disabled_adapters,
-                                 strict=strict, rebind_aliases=rebind_aliases, **policy)
-
-
-_CallableModule.__call__.__doc__ = install.__doc__
-sys.modules[__name__].__class__ = _CallableModule
-globals()["install"] = sys.modules[__name__]
