@@ -56,7 +56,6 @@ _export(
     "metal_guard.memory",
     "MemoryStats",
     "FitResult",
-    "ModelSize",
     "memory_stats",
     "check_fit",
     "can_fit",
@@ -64,13 +63,6 @@ _export(
     "is_pressure_high",
     "ensure_headroom",
     "log_memory",
-    "estimate_model_size",
-    "estimate_model_size_from_name",
-    "record_peak",
-    "lookup_peak",
-    "measure_peak",
-    "ledger_entries",
-    "forget_peaks",
 )
 _export(
     "metal_guard.hardware",
@@ -112,6 +104,10 @@ _export("metal_guard.bench", "bench_scoped_load")
 _export("metal_guard.installer", "install", "uninstall", "is_installed", "adapter_report",
         "register_adapter", "AdapterInfo")
 _export("metal_guard.guards", "guarded_generate", "guard_policy", "suppressed")
+_export("metal_guard.isolation.runner", "MLXSubprocessRunner")
+_export("metal_guard.isolation.pool", "call_model_isolated", "shutdown_all_workers")
+_export("metal_guard.isolation.context", "isolated_model", "current_isolated_model")
+_export("metal_guard.isolation.helpers", "subprocess_inference_guard", "gemma4_generation_flush")
 _export("metal_guard.demo", "run_demo", "DemoResult")
 _export("metal_guard.adapters.langchain", "MetalGuardCallbackHandler")
 _export("metal_guard.lock", "acquire_mlx_lock", "release_mlx_lock", "read_mlx_lock", "mlx_exclusive_lock")

@@ -154,11 +154,11 @@ def _peak_bytes() -> int | None:
 def _record_peak(model_id: str, peak: int | None) -> None:
     if not peak:
         return
-    memory = _layer("metal_guard.memory")
-    if memory is None:
+    ledger = _layer("metal_guard.ledger")
+    if ledger is None:
         return
     try:
-        memory.record_peak(model_id, peak)
+        ledger.record_peak(model_id, peak)
     except Exception as exc:
         log.debug("peak ledger record failed: %s", exc)
 

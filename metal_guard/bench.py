@@ -68,7 +68,7 @@ def bench_scoped_load(
         raise ValueError("cooldown_sec must be >= 0")
     if guard is None:
         from metal_guard.instance import metal_guard as guard
-    from metal_guard.memory import measure_peak
+    from metal_guard.ledger import measure_peak
 
     _advise(model_id, context_tokens)
     with contextlib.ExitStack() as stack:

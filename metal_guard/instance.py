@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from metal_guard import backend, cleanup, hardware, memory, oom
+from metal_guard import backend, cleanup, hardware, memory, modelsize, oom
 from metal_guard.watchdog import (
     KVMonitorJob,
     MemoryWatchJob,
@@ -112,11 +112,11 @@ class MetalGuard:
 
     @staticmethod
     def estimate_model_size_from_name(name: str) -> float | None:
-        return memory.estimate_model_size_from_name(name)
+        return modelsize.estimate_model_size_from_name(name)
 
     @staticmethod
-    def estimate_model_size(model: str) -> memory.ModelSize:
-        return memory.estimate_model_size(model)
+    def estimate_model_size(model: str) -> modelsize.ModelSize:
+        return modelsize.estimate_model_size(model)
 
     # ------------------------------------------------------------------ L5 statistics
     def memory_stats(self, *, load: bool = True) -> memory.MemoryStats:

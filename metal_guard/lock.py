@@ -6,7 +6,8 @@ holder exits for any reason (including ``SIGKILL`` or a reboot), so there is no 
 to clean up and no check-then-write race. Right after acquiring, the holder writes a sidecar
 ``<lock>.holder.json`` = ``{pid, create_time, label, cmdline, started_at, host}`` describing
 itself. The sidecar is only a description: it is believed only when its ``pid`` *and*
-``create_time`` match a live process and the kernel lock really is taken.
+``create_time`` match a live process and the kernel lock really is taken (the sidecar and its
+verification are :mod:`metal_guard.lock_holder`).
 
 Re-entrancy is **per process**: every thread of the holding process passes through, with a
 reference count; the kernel lock is released when the count returns to zero.
@@ -17,24 +18,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from metal_guard import storage
 from metal_guard.errors import MLXLockConflict
+from metal_guard.lock_holder import CMDLINE_MAX_CHARS as CMDLINE_MAX_CHARS
+from metal_guard.lock_holder import CREATE_TIME_TOLERANCE_SEC as CREATE_TIME_TOLERANCE_SEC
+from metal_guard.lock_holder import SIDECAR_SUFFIX as SIDECAR_SUFFIX
+from metal_guard.lock_holder import (
+    describe_holder,
+    elapsed_s,
+    new_holder,
+    probe_free,
+    read_sidecar,
+    signal_holder,
+    verify_holder,
+)
+from metal_guard.lock_holder import lock_sidecar_path as lock_sidecar_path
 from metal_guard.settings import OBSERVER, Settings, get_settings
 
 log = logging.getLogger("metal_guard.lock")
 
 __all__ = [
+    "CMDLINE_MAX_CHARS",
+    "CREATE_TIME_TOLERANCE_SEC",
+    "SIDECAR_SUFFIX",
     "acquire_mlx_lock",
     "lock_sidecar_path",
     "mlx_exclusive_lock",
@@ -42,8 +55,6 @@ __all__ = [
     "release_mlx_lock",
 ]
 
-SIDECAR_SUFFIX = ".holder.json"
-CMDLINE_MAX_CHARS = 500
 LABEL_MAX_CHARS = 200
 #: Poll interval while waiting for the lock (``timeout > 0``).
 ACQUIRE_POLL_SEC = 0.01
@@ -52,8 +63,6 @@ FORCE_POLL_SEC = 0.25
 #: A busy lock whose sidecar cannot be verified yet (a holder between acquiring and writing
 #: its sidecar, or a reader probing the lock) is retried this long before it is a conflict.
 UNVERIFIED_GRACE_SEC = 0.5
-#: ``create_time`` values closer than this describe the same process.
-CREATE_TIME_TOLERANCE_SEC = 0.05
 
 
 @dataclass
@@ -86,13 +95,7 @@ def _install_fork_hook() -> None:
         _fork_hook_installed = True
 
 
-# --------------------------------------------------------------------------- paths / helpers
-
-
-def lock_sidecar_path(lock_path: Path | None = None) -> Path:
-    """The holder sidecar next to ``lock_path`` (default: the configured lock)."""
-    path = Path(lock_path) if lock_path is not None else get_settings().resolved_lock_path
-    return path.with_name(path.name + SIDECAR_SUFFIX)
+# --------------------------------------------------------------------------- helpers
 
 
 def _key(path: Path) -> str:
@@ -110,207 +113,11 @@ def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
         log.debug("breadcrumb %s failed: %s", tag, exc)
 
 
-_SELF_IDENTITY: dict[int, tuple[float | None, str]] = {}
-
-
-def _self_identity() -> tuple[float | None, str]:
-    """``(create_time, cmdline)`` of this process, computed once per pid."""
-    pid = os.getpid()
-    cached = _SELF_IDENTITY.get(pid)
-    if cached is None:
-        create_time: float | None = None
-        cmdline = " ".join(sys.argv)
-        try:
-            import psutil
-
-            proc = psutil.Process(pid)
-            create_time = proc.create_time()
-            cmdline = " ".join(proc.cmdline()) or cmdline
-        except Exception as exc:  # pragma: no cover - psutil always works on our platforms
-            log.debug("cannot describe own process: %s", exc)
-        cached = (create_time, cmdline[:CMDLINE_MAX_CHARS])
-        _SELF_IDENTITY.clear()
-        _SELF_IDENTITY[pid] = cached
-    return cached
-
-
-def _new_holder(label: str, path: Path) -> dict[str, Any]:
-    create_time, cmdline = _self_identity()
-    return {
-        "pid": os.getpid(),
-        "create_time": create_time,
-        "label": label,
-        "cmdline": cmdline,
-        "started_at": datetime.now(UTC).isoformat(),
-        "host": socket.gethostname(),
-        "lock_path": str(path),
-    }
-
-
 def _public(hold: _Hold) -> dict[str, Any]:
     info = dict(hold.holder)
     info.update(held=True, acquired=True, verified=True, held_by_this_process=True, depth=hold.depth)
-    info["elapsed_s"] = _elapsed(info.get("started_at"))
+    info["elapsed_s"] = elapsed_s(info.get("started_at"))
     return info
-
-
-def _elapsed(started_at: Any) -> float | None:
-    try:
-        started = datetime.fromisoformat(str(started_at))
-    except ValueError:
-        return None
-    if started.tzinfo is None:
-        return None
-    return round((datetime.now(UTC) - started).total_seconds(), 3)
-
-
-# --------------------------------------------------------------------------- verification
-
-
-def _valid_sidecar(obj: Any) -> bool:
-    pid = obj.get("pid")
-    ct = obj.get("create_time")
-    return (
-        isinstance(pid, int)
-        and not isinstance(pid, bool)
-        and (ct is None or (isinstance(ct, (int, float)) and not isinstance(ct, bool)))
-    )
-
-
-def _read_sidecar(path: Path) -> dict[str, Any] | None:
-    """The sidecar's claim, or None. A corrupt or foreign sidecar is quarantined."""
-    sidecar = lock_sidecar_path(path)
-    data = storage.read_json(sidecar, lambda: None, expect=dict, validate=_valid_sidecar)
-    return data if isinstance(data, dict) else None
-
-
-def _flock_owner_pids(path: Path) -> set[int] | None:
-    """Linux only: pids owning an ``flock`` on ``path``'s inode per /proc/locks (None = unknown)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        inode = os.stat(path).st_ino
-        text = Path("/proc/locks").read_text()
-    except OSError:
-        return None
-    pids: set[int] = set()
-    found = False
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 6 or parts[1] == "->" or "FLOCK" not in parts:
-            continue  # waiters are listed with "->"
-        i = parts.index("FLOCK")
-        try:
-            pid = int(parts[i + 3])
-            line_inode = int(parts[i + 4].rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if line_inode == inode:
-            found = True
-            pids.add(pid)
-    # The inode may be reported differently (e.g. overlay filesystems): unknown, not "nobody".
-    return pids if found else None
-
-
-def _verify(claim: dict[str, Any] | None, path: Path) -> tuple[bool, str, Any]:
-    """Is ``claim`` a live process that holds the lock? Returns ``(ok, reason, psutil.Process)``."""
-    if claim is None:
-        return False, "no holder sidecar", None
-    import psutil
-
-    pid = claim.get("pid")
-    create_time = claim.get("create_time")
-    if not isinstance(pid, int) or pid <= 0:
-        return False, "sidecar has no valid pid", None
-    if create_time is None:
-        return False, "sidecar has no create_time", None
-    try:
-        proc = psutil.Process(pid)
-        real_create_time = proc.create_time()
-        status = proc.status()
-    except psutil.NoSuchProcess:
-        return False, f"pid {pid} is not alive (stale sidecar)", None
-    except (psutil.AccessDenied, OSError) as exc:
-        return False, f"pid {pid} cannot be inspected ({type(exc).__name__})", None
-    if status == psutil.STATUS_ZOMBIE:
-        return False, f"pid {pid} is a zombie", None
-    if abs(real_create_time - float(create_time)) > CREATE_TIME_TOLERANCE_SEC:
-        return False, f"pid {pid} was started at another time (pid reused or forged sidecar)", None
-    owners = _flock_owner_pids(path)
-    if owners is not None and pid not in owners:
-        return False, f"pid {pid} does not own the kernel lock", None
-    return True, "verified", proc
-
-
-def _may_signal(proc: Any) -> tuple[bool, str]:
-    """Only a verified, same-user, ordinary process may be SIGTERMed by ``force=True``."""
-    pid = proc.pid
-    if pid <= 1:
-        return False, f"refusing to signal pid {pid}"
-    if pid == os.getpid():
-        return False, "refusing to signal this process"
-    getuid = getattr(os, "getuid", None)
-    if getuid is not None:
-        try:
-            if proc.uids().real != getuid():
-                return False, f"pid {pid} belongs to another user"
-        except Exception as exc:
-            return False, f"cannot read the owner of pid {pid} ({type(exc).__name__})"
-    return True, "same user"
-
-
-def _probe_free(path: Path) -> bool | None:
-    """Is the kernel lock free right now? ``None`` if this cannot be told.
-
-    While the probe holds a shared lock nobody can hold the exclusive one, so a sidecar left
-    by a dead holder is removed then.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-Unix
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return True
-    except OSError as exc:
-        log.debug("cannot open lock %s to probe it: %s", path, exc)
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            log.debug("cannot probe lock %s: %s", path, exc)
-            return None
-        with contextlib.suppress(OSError):
-            if storage.remove(lock_sidecar_path(path)):
-                log.info("removed the sidecar of a holder that no longer holds %s", path)
-        return True
-    finally:
-        os.close(fd)  # also drops the shared lock
-
-
-def _describe_holder(path: Path) -> dict[str, Any]:
-    """What we can say about whoever holds the kernel lock at ``path`` (held elsewhere)."""
-    claim = _read_sidecar(path)
-    ok, reason, _proc = _verify(claim, path)
-    if ok and claim is not None:
-        info = dict(claim)
-        info.update(held=True, verified=True, held_by_this_process=False)
-        info["elapsed_s"] = _elapsed(info.get("started_at"))
-        return info
-    return {
-        "held": True,
-        "verified": False,
-        "held_by_this_process": False,
-        "pid": None,
-        "label": None,
-        "reason": reason,
-        "claimed": claim,
-        "lock_path": str(path),
-    }
 
 
 # --------------------------------------------------------------------------- public API
@@ -329,15 +136,15 @@ def read_mlx_lock() -> dict[str, Any] | None:
         hold = _HOLDS.get(_key(path))
         if hold is not None:
             return _public(hold)
-    free = _probe_free(path)
+    free = probe_free(path)
     if free is True:
         return None
     if free is None:
         # Cannot probe without flock: fall back to the sidecar alone, verified.
-        claim = _read_sidecar(path)
-        ok, _reason, _proc = _verify(claim, path)
-        return _describe_holder(path) if ok else None
-    return _describe_holder(path)
+        claim = read_sidecar(path)
+        ok, _reason, _proc = verify_holder(claim, path)
+        return describe_holder(path) if ok else None
+    return describe_holder(path)
 
 
 def _validate_timeout(timeout: float | None) -> float | None:
@@ -387,7 +194,7 @@ def acquire_mlx_lock(label: str, *, force: bool = False, timeout: float | None =
             # Another thread of this process is taking the kernel lock: wait for its outcome.
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                return _conflict(settings, path, label, _describe_holder(path), force=force)
+                return _conflict(settings, path, label, describe_holder(path), force=force)
             _COND.wait(timeout=remaining)
     try:
         kernel_lock, holder = _take_kernel_lock(settings, path, label, force=force, deadline=deadline)
@@ -459,13 +266,13 @@ def _take_kernel_lock(
         if not (force or expired):
             time.sleep(ACQUIRE_POLL_SEC if deadline is None else min(ACQUIRE_POLL_SEC, deadline - now))
             continue  # plain waiting: no need to inspect the holder on every poll
-        claim = _read_sidecar(path)
-        ok, reason, proc = _verify(claim, path)
+        claim = read_sidecar(path)
+        ok, reason, proc = verify_holder(claim, path)
         if force and ok and claim is not None:
             reclaimed_from = _force_takeover(settings, path, lock, claim, proc)
             break
         if expired and (ok or now >= grace_deadline):
-            holder = _describe_holder(path) if ok else {
+            holder = describe_holder(path) if ok else {
                 "held": True, "verified": False, "pid": None, "label": None,
                 "reason": reason, "claimed": claim, "lock_path": str(path),
             }
@@ -478,7 +285,7 @@ def _take_kernel_lock(
         if deadline is not None:
             step = min(step, max(deadline - now, 0.0) or ACQUIRE_POLL_SEC)
         time.sleep(step)
-    holder = _new_holder(label, path)
+    holder = new_holder(label, path)
     if reclaimed_from is not None:
         holder["reclaimed_from"] = {k: reclaimed_from.get(k) for k in ("pid", "label", "started_at")}
     try:
@@ -507,32 +314,14 @@ def _force_takeover(
     settings: Settings, path: Path, lock: Any, claim: dict[str, Any], proc: Any
 ) -> dict[str, Any]:
     pid = int(claim["pid"])
-    allowed, why = _may_signal(proc)
-    if not allowed:
-        holder = _describe_holder(path)
-        holder["force_refused"] = why
-        _crumb("LOCK_FORCE_REFUSED", str(claim.get("label", "")), pid=pid, reason=why)
-        raise MLXLockConflict(holder, f"MLX lock is held by pid {pid}; force refused: {why}")
-    import psutil
-
-    log.warning("force: sending SIGTERM to MLX lock holder pid %d (%s)", pid, claim.get("label"))
-    _crumb("LOCK_FORCE", str(claim.get("label", "")), pid=pid)
-    try:
-        # psutil re-checks the process identity (pid + create time) right before signalling.
-        proc.send_signal(signal.SIGTERM)
-    except psutil.NoSuchProcess:
-        pass  # exited on its own meanwhile
-    except (psutil.AccessDenied, PermissionError):
-        holder = _describe_holder(path)
-        holder["force_permission_denied"] = True
-        raise MLXLockConflict(holder, f"not permitted to signal MLX lock holder pid {pid}")
+    signal_holder(path, claim, proc)
     give_up = time.monotonic() + settings.force_wait_sec
     while True:
         if _try(lock):
             _crumb("LOCK_RECLAIMED", str(claim.get("label", "")), pid=pid)
             return claim
         if time.monotonic() >= give_up:
-            holder = _describe_holder(path)
+            holder = describe_holder(path)
             holder["force_timeout"] = True
             if holder.get("pid") not in (None, pid):
                 message = f"MLX lock was taken by pid {holder['pid']} after pid {pid} was stopped"

@@ -1,51 +1,64 @@
-"""Memory truth, fit checks and the measured-peak ledger (L4, L5 statistics).
+"""Memory truth, fit checks, pressure and headroom (L4, L5 statistics).
 
 * :class:`MemoryStats` — MLX allocator counters **and** the process footprint (macOS
   ``ri_phys_footprint``, which includes Metal buffers MLX does not count) **and** system memory.
   A number that cannot be read is ``None``, never a zero that looks like a reading.
-* Fit checks size a model from, in order of preference: a measured peak in the ledger, the
-  caller's figure, the safetensors of a local directory or Hugging Face cache snapshot, and the
-  model name. A check whose size or limit is unknown says ``unknown`` — never ``fits``.
-* The ledger (``<state>/peak_ledger.json``) stores the measured peak of a model per
-  (model, quantisation, context, mlx version, chip).
+* Fit checks size a model from, in order of preference: a measured peak in the ledger
+  (:mod:`metal_guard.ledger`), the caller's figure, the safetensors of a local directory or
+  Hugging Face cache snapshot, and the model name (:mod:`metal_guard.modelsize`). A check whose
+  size or limit is unknown says ``unknown`` — never ``fits``.
+
+The ledger and size-estimate names are re-exported here so ``metal_guard.memory.record_peak``
+and friends keep working.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from metal_guard import backend, storage
+from metal_guard import backend
 from metal_guard.errors import ModelDoesNotFitError
-from metal_guard.hardware import (
-    process_footprint,
-    process_footprint_bytes,
-    recommended_config,
-    system_memory,
-)
+from metal_guard.hardware import process_footprint, recommended_config
+from metal_guard.hardware import process_footprint_bytes as process_footprint_bytes
+from metal_guard.hardware import system_memory as system_memory
+from metal_guard.ledger import LEDGER_FILE as LEDGER_FILE
+from metal_guard.ledger import PeakMeasurement as PeakMeasurement
+from metal_guard.ledger import forget_peaks as forget_peaks
+from metal_guard.ledger import ledger_entries as ledger_entries
+from metal_guard.ledger import ledger_path as ledger_path
+from metal_guard.ledger import lookup_peak as lookup_peak
+from metal_guard.ledger import measure_peak as measure_peak
+from metal_guard.ledger import record_peak as record_peak
+from metal_guard.modelsize import ModelSize as ModelSize
+from metal_guard.modelsize import estimate_model_size as estimate_model_size
+from metal_guard.modelsize import estimate_model_size_from_name as estimate_model_size_from_name
+from metal_guard.modelsize import hf_cache_dir as hf_cache_dir
+from metal_guard.modelsize import hf_snapshot_dir as hf_snapshot_dir
+from metal_guard.modelsize import quantization_from_config as quantization_from_config
 from metal_guard.settings import Settings, get_settings
 
 log = logging.getLogger("metal_guard.memory")
 
 __all__ = [
     "FitResult",
+    "LEDGER_FILE",
     "MemoryStats",
     "ModelSize",
+    "PeakMeasurement",
     "can_fit",
     "check_fit",
     "ensure_headroom",
     "estimate_model_size",
     "estimate_model_size_from_name",
     "forget_peaks",
+    "hf_cache_dir",
+    "hf_snapshot_dir",
     "is_pressure_high",
     "ledger_entries",
     "ledger_path",
@@ -54,6 +67,7 @@ __all__ = [
     "measure_peak",
     "memory_stats",
     "process_footprint_bytes",
+    "quantization_from_config",
     "record_peak",
     "require_fit",
     "system_memory",
@@ -381,279 +395,3 @@ def require_fit(
         f"{name or 'model'} does not fit: {result.reason} (size from {result.size_source}, "
         f"limit from {result.limit_source})", model_name=name,
         required_bytes=result.required_bytes, available_bytes=result.available_bytes)
-
-
-# --------------------------------------------------------------------------- model size
-
-_QUANT_NAME = (  # first match wins: (regex, label, bytes per parameter)
-    (re.compile(r"16bit|fp16|bf16", re.I), "16bit", 2.0),
-    (re.compile(r"8bit|int8", re.I), "8bit", 1.0),
-    (re.compile(r"6bit", re.I), "6bit", 0.75),
-    (re.compile(r"4bit|int4|(?<![a-z])q4|mxfp4|tq4", re.I), "4bit", 0.5),
-    (re.compile(r"3bit|int3|tq3", re.I), "3bit", 0.375),
-    (re.compile(r"2bit|int2", re.I), "2bit", 0.25),
-)
-_PARAMS_RE = re.compile(r"\b(\d+(?:\.\d+)?)\s*([bm])\b", re.I)
-_PARAMS_WORDS = (("mini", 4.0), ("small", 7.0), ("medium", 13.0), ("large", 70.0), ("xl", 13.0))
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """Estimated weight size of a model. ``source``: ``safetensors`` (local directory),
-    ``hf_cache`` (Hugging Face cache snapshot), ``name`` (parsed from the id) or ``unknown``."""
-
-    model: str
-    size_bytes: int | None
-    source: str
-    quantization: str | None = None
-    path: str | None = None
-    files: int = 0
-
-    @property
-    def size_gb(self) -> float | None:
-        return _gb(self.size_bytes)
-
-
-def _quant_from_name(name: str) -> tuple[str | None, float]:
-    for pattern, label, per_param in _QUANT_NAME:
-        if pattern.search(name):
-            return label, per_param
-    return None, 2.0
-
-
-def estimate_model_size_from_name(name: str) -> float | None:
-    """Seed rule: parameters (``24B``, ``135M``, or mini/small/medium/large/xl) x bytes per
-    parameter from the quantisation in the name (fp16 when none). GB, or ``None``."""
-    base = str(name).rstrip("/").rsplit("/", 1)[-1]
-    match = _PARAMS_RE.search(base)
-    if match:
-        params_b = float(match.group(1)) / (1000.0 if match.group(2).lower() == "m" else 1.0)
-    else:
-        lowered = base.lower()
-        params_b = next((v for word, v in _PARAMS_WORDS if word in lowered), 0.0)
-        if not params_b:
-            return None
-    return round(params_b * _quant_from_name(base)[1], 3)
-
-
-def quantization_from_config(config: dict[str, Any]) -> str | None:
-    """``{"quantization": {"bits": 4}}`` → ``"4bit"``; else the dtype (``bf16``/``fp16``/``fp32``)."""
-    for key in ("quantization", "quantization_config"):
-        q = config.get(key)
-        if isinstance(q, dict) and isinstance(q.get("bits"), int):
-            return f"{q['bits']}bit"
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "").lower()
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype)
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, resolved from the environment at call time."""
-    env = os.environ
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(var):
-            return Path(env[var]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    xdg = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return xdg / "huggingface" / "hub"
-
-
-def hf_snapshot_dir(repo_id: str, *, cache_dir: Path | None = None) -> Path | None:
-    """The cached snapshot of ``org/name`` (``refs/main`` if present, else the newest)."""
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        return None
-    root = (cache_dir or hf_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
-    snaps = root / "snapshots"
-    try:
-        ref = (root / "refs" / "main").read_text().strip()
-        if ref and (snaps / ref).is_dir():
-            return snaps / ref
-        candidates = [p for p in snaps.iterdir() if p.is_dir()]
-    except OSError:
-        return None
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads((path / "config.json").read_text("utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def estimate_model_size(model: str | os.PathLike[str], *, cache_dir: Path | None = None) -> ModelSize:
-    """Size ``model`` from its weights on disk when possible, else from its name."""
-    import json
-
-    name = os.fspath(model)
-    local = Path(name).expanduser()
-    path, source = (local, "safetensors") if local.is_dir() else (None, "unknown")
-    if path is None:
-        snap = hf_snapshot_dir(name, cache_dir=cache_dir)
-        path, source = (snap, "hf_cache") if snap is not None else (None, "unknown")
-    if path is not None:
-        files = sorted(path.glob("*.safetensors"))
-        total = 0
-        for f in files:
-            with contextlib.suppress(OSError):  # a dangling blob link = incomplete download
-                total += f.stat().st_size
-        try:
-            index = json.loads((path / "model.safetensors.index.json").read_text("utf-8"))
-            indexed = int(index.get("metadata", {}).get("total_size") or 0)
-        except (OSError, ValueError, AttributeError, TypeError):
-            indexed = 0
-        if files or indexed:
-            quant = quantization_from_config(_read_config(path)) or _quant_from_name(name)[0]
-            return ModelSize(name, max(total, indexed), source, quant, str(path), len(files))
-    gb = estimate_model_size_from_name(name)
-    return ModelSize(name, None if gb is None else int(gb * GB), "name" if gb is not None else "unknown",
-                     _quant_from_name(name)[0])
-
-
-# --------------------------------------------------------------------------- peak ledger
-
-LEDGER_FILE = "peak_ledger.json"
-
-
-def ledger_path(settings: Settings | None = None) -> Path:
-    return (settings or get_settings()).state_file(LEDGER_FILE)
-
-
-@functools.lru_cache(maxsize=1)
-def _chip() -> str:
-    from metal_guard.hardware import detect_hardware
-
-    return str(detect_hardware(load=False, include_driver=False).get("chip") or "unknown")
-
-
-def _model_key(model: str) -> str:
-    local = Path(model).expanduser()
-    return str(local.resolve()) if model and local.is_dir() else model
-
-
-def _key(model: str, quant: str | None, ctx: int | None, mlx: str | None, chip: str | None) -> str:
-    return "|".join((_model_key(model), quant or "-", str(ctx) if ctx else "-",
-                     mlx or backend.mlx_version() or "-", chip or _chip()))
-
-
-def _valid_ledger(obj: Any) -> bool:
-    entries = obj.get("entries")
-    return isinstance(entries, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("peak_bytes"), int) for e in entries.values())
-
-
-def _fresh_ledger() -> dict[str, Any]:
-    return {"version": 1, "entries": {}}
-
-
-def _load_ledger(settings: Settings | None = None) -> dict[str, Any]:
-    state: dict[str, Any] = storage.read_json(ledger_path(settings), _fresh_ledger,
-                                              validate=_valid_ledger)
-    return state
-
-
-def record_peak(model: str | os.PathLike[str], peak_bytes: int, *, quantization: str | None = None,
-                context_tokens: int | None = None, footprint_delta_bytes: int | None = None,
-                mlx_version: str | None = None, chip: str | None = None,
-                settings: Settings | None = None) -> dict[str, Any]:
-    """Store a measured peak. Re-recording keeps the largest peak seen and counts samples."""
-    name = os.fspath(model)
-    if not name or int(peak_bytes) < 0:
-        raise ValueError("record_peak needs a model name and peak_bytes >= 0")
-    quant = quantization or estimate_model_size(name).quantization
-    key = _key(name, quant, context_tokens, mlx_version, chip)
-    now = datetime.now(UTC).isoformat()
-    fp = int(footprint_delta_bytes) if footprint_delta_bytes is not None else None
-
-    def update(state: dict[str, Any]) -> None:
-        old = state["entries"].get(key, {})
-        peak = max(int(peak_bytes), int(old.get("peak_bytes", 0)))
-        fp_max = max(x for x in (fp, old.get("footprint_delta_bytes"), -1) if x is not None)
-        state["entries"][key] = {
-            "model": _model_key(name), "quantization": quant, "context_tokens": context_tokens,
-            "mlx_version": mlx_version or backend.mlx_version(), "chip": chip or _chip(),
-            "peak_bytes": peak, "last_peak_bytes": int(peak_bytes),
-            "footprint_delta_bytes": fp_max if fp_max >= 0 else None,
-            "required_bytes": max(peak, fp_max), "samples": int(old.get("samples", 0)) + 1,
-            "first_recorded_at": old.get("first_recorded_at", now), "recorded_at": now,
-        }
-
-    state: dict[str, Any] = storage.update_json(
-        ledger_path(settings), update, _fresh_ledger, validate=_valid_ledger)
-    return dict(state["entries"][key])
-
-
-def lookup_peak(model: str | os.PathLike[str], *, quantization: str | None = None,
-                context_tokens: int | None = None, mlx_version: str | None = None,
-                chip: str | None = None, settings: Settings | None = None) -> dict[str, Any] | None:
-    """The ledger entry for this model on this mlx version and chip: the exact context if
-    recorded, else the smallest recorded context that is larger (a conservative stand-in);
-    with no context given, the largest peak recorded. ``None`` when nothing applies."""
-    name = _model_key(os.fspath(model))
-    if not name:
-        return None
-    mlx, chip = mlx_version or backend.mlx_version(), chip or _chip()
-    matches: list[dict[str, Any]] = [e for e in _load_ledger(settings)["entries"].values()
-               if e.get("model") == name and e.get("mlx_version") == mlx and e.get("chip") == chip
-               and (quantization is None or e.get("quantization") in (quantization, None))]
-    if not matches:
-        return None
-    if context_tokens is None:
-        best = max(matches, key=lambda e: int(e.get("required_bytes") or e["peak_bytes"]))
-        return dict(best)
-    exact = [e for e in matches if e.get("context_tokens") == context_tokens]
-    larger = [e for e in matches if (e.get("context_tokens") or 0) > context_tokens]
-    pick = exact or sorted(larger, key=lambda e: e["context_tokens"])[:1]
-    return dict(pick[0]) if pick else None
-
-
-def ledger_entries(settings: Settings | None = None) -> list[dict[str, Any]]:
-    return [dict(e) for e in _load_ledger(settings)["entries"].values()]
-
-
-def forget_peaks(model: str | None = None, *, settings: Settings | None = None) -> int:
-    """Remove ledger entries (of ``model``, or all); return how many were removed."""
-    removed = 0
-
-    def update(state: dict[str, Any]) -> None:
-        nonlocal removed
-        keep = {k: e for k, e in state["entries"].items()
-                if model is not None and e.get("model") != _model_key(model)}
-        removed = len(state["entries"]) - len(keep)
-        state["entries"] = keep
-
-    storage.update_json(ledger_path(settings), update, _fresh_ledger, validate=_valid_ledger)
-    return removed
-
-
-@dataclass
-class PeakMeasurement:
-    model: str
-    baseline_footprint_bytes: int | None
-    peak_bytes: int | None = None
-    footprint_delta_bytes: int | None = None
-    entry: dict[str, Any] | None = None
-
-
-@contextlib.contextmanager
-def measure_peak(model: str | os.PathLike[str], *, quantization: str | None = None,
-                 context_tokens: int | None = None, record: bool = True) -> Iterator[PeakMeasurement]:
-    """Reset the MLX peak, run the block (a load plus a first generate), then record the peak
-    in the ledger. Nothing is recorded if the block raises or MLX is not loaded."""
-    backend.reset_peak_memory(load=False)
-    m = PeakMeasurement(os.fspath(model), process_footprint_bytes())
-    yield m
-    counters = backend.memory_counters(load=False)
-    if counters is None:
-        return
-    m.peak_bytes = counters.peak_bytes
-    now_fp = process_footprint_bytes()
-    if now_fp is not None and m.baseline_footprint_bytes is not None:
-        m.footprint_delta_bytes = max(0, now_fp - m.baseline_footprint_bytes)
-    if record:
-        m.entry = record_peak(m.model, m.peak_bytes, quantization=quantization,
-                              context_tokens=context_tokens,
-                              footprint_delta_bytes=m.footprint_delta_bytes)

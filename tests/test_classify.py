@@ -784,3 +784,12 @@ def test_known_string_survives_surrounding_noise(prefix: str, suffix: str) -> No
     assert found is not None
     # the OOM wins unless the noise itself spells a higher-priority class
     assert found.name == "cmd_buffer_oom" or found in match_error_classes(prefix + "\n" + suffix)
+
+
+def test_table_names_are_still_importable_from_classify() -> None:
+    from metal_guard import classify_table
+
+    for name in ("KINDS", "RECOVERY_HINTS", "SCHEMA", "SCHEMA_VERSION", "SEVERITIES",
+                 "ErrorTableError", "validate_error_table"):
+        assert getattr(classify, name) is getattr(classify_table, name), name
+        assert name in classify.__all__

@@ -1,8 +1,8 @@
-"""hardware.py: macOS readers on captured real outputs, GPU family, tiers, footprint (real)."""
+"""hardware.py: system memory and audits on captured real macOS outputs, GPU family, tiers,
+footprint (real). The readers' own parsers are tested in test_macos.py."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -12,97 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from macos_fakes import FIX, FakeMac, fixture
 
-from metal_guard import hardware
+from metal_guard import hardware, macos
 
-FIX = Path(__file__).parent / "fixtures" / "macos"
 DEVICE_INFO = json.loads((FIX / "device_info.json").read_text())
-
-
-def fixture(name: str) -> str:
-    return (FIX / name).read_text()
-
-
-class FakeMac:
-    """A runner that answers like a Mac, from fixture files; records every call."""
-
-    def __init__(self, **overrides: str | None) -> None:
-        self.outputs: dict[str, str | None] = {
-            "hw.memsize": fixture("sysctl_hw_memsize.txt"),
-            "machdep.cpu.brand_string": fixture("sysctl_cpu_brand_string.txt"),
-            "iogpu.wired_limit_mb": fixture("sysctl_wired_limit_default.txt"),
-            "kern.memorystatus_vm_pressure_level": fixture("sysctl_pressure_level_normal.txt"),
-            "vm.swapusage": fixture("sysctl_swapusage.txt"),
-            "iogpu.rsrc_limit": None,
-            "vm_stat": fixture("vm_stat.txt"),
-            "kmutil": fixture("kmutil_showloaded_iogpufamily.txt"),
-            "kextstat": fixture("kextstat_iogpufamily.txt"),
-            "ioreg": fixture("ioreg_ioaccelerator.txt"),
-        }
-        self.outputs.update({k.replace("__", "."): v for k, v in overrides.items()})
-        self.calls: list[list[str]] = []
-
-    def __call__(self, argv: Sequence[str], timeout: float) -> str | None:
-        assert timeout > 0
-        self.calls.append(list(argv))
-        key = argv[-1] if argv[0] == "sysctl" else argv[0]
-        return self.outputs.get(key)
-
-
-# --------------------------------------------------------------------------- parsers
-
-
-@pytest.mark.parametrize(
-    ("text", "name", "expected"),
-    [
-        ("hw.memsize: 34359738368\n", "hw.memsize", "34359738368"),
-        ("34359738368\n", "hw.memsize", "34359738368"),
-        ("hw.model: Mac14,12\nhw.memsize: 34359738368\n", "hw.memsize", "34359738368"),
-        ("hw.model: Mac14,12\nhw.memsize: 34359738368\n", "hw.model", "Mac14,12"),
-        ("machdep.cpu.brand_string: Apple M1 Pro\n", "machdep.cpu.brand_string", "Apple M1 Pro"),
-        ("sysctl: unknown oid 'iogpu.rsrc_limit'\n", "iogpu.rsrc_limit", None),
-        ("", "hw.memsize", None),
-        (None, "hw.memsize", None),
-    ],
-)
-def test_parse_sysctl(text: str | None, name: str, expected: str | None) -> None:
-    assert hardware.parse_sysctl(text, name) == expected
-
-
-def test_sysctl_int_reads_set_output() -> None:
-    runner = FakeMac(**{"iogpu__wired_limit_mb": fixture("sysctl_wired_limit_set.txt")})
-    assert hardware._sysctl_int("iogpu.wired_limit_mb", runner) == 14000
-
-
-def test_parse_swapusage_units() -> None:
-    small = hardware.parse_swapusage(fixture("sysctl_swapusage.txt"))
-    assert small == {"total_bytes": int(1.5 * 2**30), "used_bytes": 512 * 1024,
-                     "free_bytes": int(1.5 * 2**30), "encrypted": True}
-    heavy = hardware.parse_swapusage(fixture("sysctl_swapusage_heavy.txt"))
-    assert heavy is not None
-    assert heavy["total_bytes"] == 8192 * 2**20
-    assert heavy["used_bytes"] == int(6523.25 * 2**20)
-    assert hardware.parse_swapusage("garbage") is None
-
-
-def test_parse_vm_stat() -> None:
-    vm = hardware.parse_vm_stat(fixture("vm_stat.txt"))
-    assert vm is not None
-    assert vm["page_size_bytes"] == 16384
-    assert vm["free_bytes"] == 45231 * 16384
-    assert vm["wired_down_bytes"] == 456789 * 16384
-    assert vm["occupied_by_compressor_bytes"] == 98123 * 16384
-    assert vm["file_backed_pages_bytes"] == 512341 * 16384
-    assert hardware.parse_vm_stat("no header here") is None
-
-
-def test_parse_ioreg_performance_statistics() -> None:
-    stats = hardware.parse_ioreg_performance_statistics(fixture("ioreg_ioaccelerator.txt"))
-    assert stats is not None
-    assert stats["In use system memory"] == 1200357376
-    assert stats["Alloc system memory"] == 4272832512
-    assert stats["recoveryCount"] == 0
-    assert hardware.gpu_accelerator_stats(runner=FakeMac()) == stats
 
 
 # --------------------------------------------------------------------------- system memory
@@ -177,32 +91,6 @@ def test_footprint_of_another_pid_and_a_dead_one() -> None:
         child.kill()
         child.wait()
     assert hardware.process_footprint_bytes(child.pid) is None
-
-
-def test_rusage_struct_layout_and_fake_libproc() -> None:
-    assert ctypes.sizeof(hardware._RusageInfoV4) == 16 + 35 * 8
-    assert hardware._RusageInfoV4.ri_phys_footprint.offset == 72
-    assert hardware._RusageInfoV4.ri_lifetime_max_phys_footprint.offset == 16 + 28 * 8
-
-    class FakeLibproc:
-        def __init__(self) -> None:
-            self.calls: list[tuple[int, int]] = []
-
-        def proc_pid_rusage(self, pid: int, flavor: int, ptr: object) -> int:
-            self.calls.append((pid, flavor))
-            if pid == 999999:
-                return -1
-            info = ctypes.cast(ptr, ctypes.POINTER(hardware._RusageInfoV4)).contents
-            info.ri_resident_size = 1
-            info.ri_phys_footprint = 123_456_789
-            info.ri_lifetime_max_phys_footprint = 222_222_222
-            return 0
-
-    lib = FakeLibproc()
-    fp = hardware.rusage_footprint(4242, lib=lib)
-    assert fp == hardware.Footprint(4242, 123_456_789, 222_222_222, "ri_phys_footprint")
-    assert lib.calls == [(4242, 4)]
-    assert hardware.rusage_footprint(999999, lib=lib) is None
 
 
 # --------------------------------------------------------------------------- GPU family
@@ -380,7 +268,8 @@ def test_linux_never_shells_out(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(argv: Sequence[str], timeout: float = 3.0) -> str | None:
         raise AssertionError(f"spawned {argv}")
 
-    monkeypatch.setattr(hardware, "run_command", boom)
+    monkeypatch.setattr(macos, "run_command", boom)
+    monkeypatch.setattr(subprocess, "run", boom)
     assert hardware.read_sysctl("hw.memsize") is None
     assert hardware.read_gpu_driver_version() is None
     assert hardware.memory_pressure_level() is None
@@ -398,3 +287,11 @@ def test_log_system_audit(caplog: pytest.LogCaptureFixture) -> None:
     hardware.log_system_audit_at_startup(runner=FakeMac())
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any(r.levelno == logging.INFO for r in caplog.records)
+
+
+def test_macos_readers_are_still_importable_from_hardware() -> None:
+    for name in ("CommandRunner", "Footprint", "PRESSURE_NAMES", "gpu_accelerator_stats",
+                 "memory_pressure_level", "parse_ioreg_performance_statistics", "parse_kext_version",
+                 "parse_swapusage", "parse_sysctl", "parse_vm_stat", "read_sysctl", "run_command",
+                 "rusage_footprint"):
+        assert getattr(hardware, name) is getattr(macos, name), name

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from metal_guard import lock as lockmod
+from metal_guard import lock_holder
 from metal_guard.errors import MLXLockConflict
 from metal_guard.lock import (
     acquire_mlx_lock,
@@ -277,7 +278,7 @@ def test_forged_sidecar_on_a_held_lock_is_unverified(holder):
         # Right create_time but not the kernel lock's owner (Linux /proc/locks cross-check).
         lock_sidecar_path().write_text(json.dumps({"pid": sleeper.pid, "create_time": ct}))
         seen = read_mlx_lock()
-        if lockmod._flock_owner_pids(lock_path()) is not None:
+        if lock_holder.flock_owner_pids(lock_path()) is not None:
             assert seen["verified"] is False and "does not own" in seen["reason"]
         assert h.proc.poll() is None
     finally:
@@ -491,3 +492,8 @@ def test_doctor_section_shows_the_holder(holder, capsys):
     assert _run_lock(argparse.Namespace(json=True)) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["held"] is True and out["holder"]["pid"] == h.pid
+
+
+def test_holder_names_are_still_importable_from_lock():
+    for name in ("lock_sidecar_path", "SIDECAR_SUFFIX", "CMDLINE_MAX_CHARS", "CREATE_TIME_TOLERANCE_SEC"):
+        assert getattr(lockmod, name) is getattr(lock_holder, name), name

@@ -1,9 +1,8 @@
-"""memory.py: real MLX counters, size estimates from real safetensors, fit checks, the ledger."""
+"""memory.py: real MLX counters, pressure, headroom and fit checks (sizes from real safetensors,
+the ledger); the size estimates and the ledger themselves are in test_modelsize/test_ledger."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import pytest
 from metal_guard import backend, memory
 from metal_guard.breadcrumbs import tail
 from metal_guard.errors import ModelDoesNotFitError
-from metal_guard.settings import get_settings
 
 mx = pytest.importorskip("mlx.core")
 MIB = 1 << 20
@@ -94,26 +92,6 @@ def test_pressure_uses_used_not_sticky_peak() -> None:
 # --------------------------------------------------------------------------- sizes
 
 
-@pytest.mark.parametrize(
-    ("name", "gb"),
-    [
-        ("mlx-community/Mistral-Small-3.2-24B-Instruct-2506-8bit", 24.0),
-        ("mlx-community/Phi-4-mini-instruct-4bit", 2.0),
-        ("mlx-community/gemma-4-26b-a4b-it-4bit", 13.0),
-        ("mlx-community/gemma-4-e4b-it-4bit", None),
-        ("meta-llama/Llama-3.2-3B-Instruct", 6.0),
-        ("HuggingFaceTB/SmolLM-135M-Instruct-bf16", 0.27),
-        ("some/model-7b-6bit", 5.25),
-        ("some/model-70B-3bit", 26.25),
-        ("some/model-large-2bit", 17.5),
-        ("some/Qwen3-4B-mxfp4", 2.0),
-        ("no-hints-at-all", None),
-    ],
-)
-def test_estimate_from_name(name: str, gb: float | None) -> None:
-    assert memory.estimate_model_size_from_name(name) == (None if gb is None else pytest.approx(gb))
-
-
 def test_size_from_tiny_models_real_safetensors(tiny_model_path: Path) -> None:
     files = list(tiny_model_path.glob("*.safetensors"))
     expected = sum(f.stat().st_size for f in files)
@@ -124,58 +102,6 @@ def test_size_from_tiny_models_real_safetensors(tiny_model_path: Path) -> None:
     assert fit.verdict == "fits" and fit.size_source == "safetensors"
     assert fit.size_bytes == expected
     assert fit.required_bytes == expected + 500_000_000
-
-
-def test_quantization_from_config() -> None:
-    assert memory.quantization_from_config({"quantization": {"group_size": 64, "bits": 4}}) == "4bit"
-    assert memory.quantization_from_config({"quantization_config": {"bits": 8}}) == "8bit"
-    assert memory.quantization_from_config({"torch_dtype": "bfloat16"}) == "bf16"
-    assert memory.quantization_from_config({}) is None
-
-
-def _hf_cache(root: Path, repo: str, shards: dict[str, int], *, index_total: int | None = None,
-              config: dict[str, Any] | None = None) -> Path:
-    base = root / ("models--" + repo.replace("/", "--"))
-    (base / "blobs").mkdir(parents=True)
-    snap = base / "snapshots" / "abc123"
-    snap.mkdir(parents=True)
-    (base / "refs").mkdir()
-    (base / "refs" / "main").write_text("abc123")
-    for i, (name, size) in enumerate(shards.items()):
-        blob = base / "blobs" / f"blob{i}"
-        blob.write_bytes(b"\0" * size)
-        os.symlink(blob, snap / name)
-    (snap / "config.json").write_text(json.dumps(config or {"quantization": {"bits": 4, "group_size": 64}}))
-    if index_total is not None:
-        (snap / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": index_total}}))
-    return snap
-
-
-def test_size_from_hf_cache_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = tmp_path / "hub"
-    snap = _hf_cache(cache, "acme/Widget-7B-4bit", {"model-00001-of-00002.safetensors": 3000,
-                                                    "model-00002-of-00002.safetensors": 1234})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    est = memory.estimate_model_size("acme/Widget-7B-4bit")
-    assert (est.source, est.size_bytes, est.quantization, est.files) == ("hf_cache", 4234, "4bit", 2)
-    assert est.path == str(snap)
-    # a partially downloaded snapshot: the index knows the full size
-    _hf_cache(cache, "acme/Partial-4bit", {"model-00001-of-00002.safetensors": 100}, index_total=99_000)
-    assert memory.estimate_model_size("acme/Partial-4bit").size_bytes == 99_000
-    # not cached: fall back to the name
-    miss = memory.estimate_model_size("acme/Other-7B-8bit")
-    assert (miss.source, miss.size_bytes) == ("name", 7_000_000_000)
-
-
-def test_hf_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert memory.hf_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert memory.hf_cache_dir() == tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "direct"))
-    assert memory.hf_cache_dir() == tmp_path / "direct"
 
 
 # --------------------------------------------------------------------------- require_fit
@@ -258,37 +184,7 @@ def test_ensure_headroom_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cleanup.calls == 1
 
 
-# --------------------------------------------------------------------------- ledger
-
-
-def test_ledger_round_trip_and_key() -> None:
-    entry = memory.record_peak("org/Model-4bit", 5_000_000, context_tokens=4096,
-                               footprint_delta_bytes=6_000_000)
-    assert entry["quantization"] == "4bit"  # from the name
-    assert entry["mlx_version"] == backend.mlx_version()
-    assert entry["chip"] and entry["samples"] == 1
-    assert entry["required_bytes"] == 6_000_000
-    path = memory.ledger_path()
-    assert path == get_settings().state_file("peak_ledger.json") and path.is_file()
-    assert oct(path.stat().st_mode & 0o777) == "0o600"
-    assert memory.lookup_peak("org/Model-4bit", context_tokens=4096) == entry
-    again = memory.record_peak("org/Model-4bit", 3_000_000, context_tokens=4096)
-    assert again["samples"] == 2 and again["peak_bytes"] == 5_000_000 and again["last_peak_bytes"] == 3_000_000
-    assert len(memory.ledger_entries()) == 1
-
-
-def test_ledger_lookup_rules() -> None:
-    for ctx, peak in ((2048, 1_000), (8192, 4_000), (32768, 9_000)):
-        memory.record_peak("org/M-8bit", peak, context_tokens=ctx)
-    assert memory.lookup_peak("org/M-8bit", context_tokens=8192)["peak_bytes"] == 4_000
-    assert memory.lookup_peak("org/M-8bit", context_tokens=4096)["peak_bytes"] == 4_000  # next larger
-    assert memory.lookup_peak("org/M-8bit", context_tokens=65536) is None  # nothing that large
-    assert memory.lookup_peak("org/M-8bit")["peak_bytes"] == 9_000  # largest when unspecified
-    assert memory.lookup_peak("org/M-8bit", mlx_version="0.31.0") is None
-    assert memory.lookup_peak("org/M-8bit", chip="Apple M9") is None
-    assert memory.lookup_peak("org/M-8bit", quantization="4bit") is None
-    assert memory.lookup_peak("org/Unknown") is None
-    assert memory.forget_peaks("org/M-8bit") == 3 and memory.ledger_entries() == []
+# --------------------------------------------------------------------------- ledger in fit checks
 
 
 def test_fit_check_prefers_the_ledger(tiny_model_path: Path) -> None:
@@ -303,32 +199,14 @@ def test_fit_check_prefers_the_ledger(tiny_model_path: Path) -> None:
     assert huge and not memory.can_fit(0.001, model_name="org/Huge-4bit")
 
 
-def test_corrupt_ledger_is_quarantined() -> None:
-    path = memory.ledger_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("{not json")
-    assert memory.ledger_entries() == []
-    assert list(path.parent.glob("peak_ledger.json.corrupt-*"))
-    memory.record_peak("org/A-4bit", 1)
-    assert len(memory.ledger_entries()) == 1
+def test_moved_names_are_still_importable_from_memory() -> None:
+    from metal_guard import ledger, modelsize
 
-
-def test_record_peak_validates() -> None:
-    with pytest.raises(ValueError):
-        memory.record_peak("", 1)
-    with pytest.raises(ValueError):
-        memory.record_peak("x", -1)
-
-
-def test_measure_peak_records_a_real_peak() -> None:
-    with memory.measure_peak("org/Measured-4bit", context_tokens=128) as m:
-        a = mx.ones((32 * MIB // 4,), dtype=mx.float32)
-        mx.eval(a)
-        del a
-    assert m.peak_bytes is not None and m.peak_bytes >= 32 * MIB
-    assert m.entry is not None
-    assert memory.lookup_peak("org/Measured-4bit", context_tokens=128)["peak_bytes"] == m.peak_bytes
-
-    with pytest.raises(RuntimeError), memory.measure_peak("org/Failed-4bit"):
-        raise RuntimeError("load failed")
-    assert memory.lookup_peak("org/Failed-4bit") is None
+    for name in ("record_peak", "lookup_peak", "measure_peak", "ledger_entries", "forget_peaks",
+                 "ledger_path", "PeakMeasurement", "LEDGER_FILE"):
+        assert getattr(memory, name) is getattr(ledger, name), name
+        assert name in memory.__all__
+    for name in ("ModelSize", "estimate_model_size", "estimate_model_size_from_name",
+                 "quantization_from_config", "hf_cache_dir", "hf_snapshot_dir"):
+        assert getattr(memory, name) is getattr(modelsize, name), name
+        assert name in memory.__all__

@@ -227,13 +227,13 @@ def normalize_gpu_family(value: str | None) -> str | None:
 def detect_gpu_family() -> str | None:
     """This machine's Apple GPU family without initialising the GPU (``None`` off Apple Silicon)."""
     try:
-        from metal_guard import hardware
+        from metal_guard import hardware, macos
 
         info = hardware.apple_gpu_family(load=False)  # only if MLX is already loaded
         family = normalize_gpu_family(str(info.get("family") or ""))
         if family:
             return family
-        brand = hardware.read_sysctl("machdep.cpu.brand_string") if hardware._is_darwin() else None
+        brand = macos.read_sysctl("machdep.cpu.brand_string") if macos.is_darwin() else None
         return normalize_gpu_family(brand)
     except Exception:  # detection is best effort
         log.debug("GPU family detection failed", exc_info=True)

@@ -1,0 +1,296 @@
+"""Who holds the L8 lock, and may we believe them? The holder sidecar and its verification.
+
+Right after taking the kernel lock, the holder writes ``<lock>.holder.json`` =
+``{pid, create_time, label, cmdline, started_at, host, lock_path}``. The sidecar is only a
+description: :func:`verify_holder` believes it only when its ``pid`` *and* ``create_time``
+match a live, non-zombie process and — on Linux, per ``/proc/locks`` — that pid owns the
+kernel ``flock``. :func:`signal_holder` SIGTERMs a verified holder only when it is an ordinary
+process of the same user. The lock itself (acquire, release, re-entrancy) is :mod:`metal_guard.lock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from metal_guard import storage
+from metal_guard.errors import MLXLockConflict
+from metal_guard.settings import get_settings
+
+log = logging.getLogger("metal_guard.lock_holder")
+
+__all__ = [
+    "CREATE_TIME_TOLERANCE_SEC",
+    "SIDECAR_SUFFIX",
+    "describe_holder",
+    "elapsed_s",
+    "flock_owner_pids",
+    "lock_sidecar_path",
+    "may_signal",
+    "new_holder",
+    "probe_free",
+    "read_sidecar",
+    "signal_holder",
+    "verify_holder",
+]
+
+SIDECAR_SUFFIX = ".holder.json"
+CMDLINE_MAX_CHARS = 500
+#: ``create_time`` values closer than this describe the same process.
+CREATE_TIME_TOLERANCE_SEC = 0.05
+
+
+def lock_sidecar_path(lock_path: Path | None = None) -> Path:
+    """The holder sidecar next to ``lock_path`` (default: the configured lock)."""
+    path = Path(lock_path) if lock_path is not None else get_settings().resolved_lock_path
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
+    try:
+        from metal_guard.breadcrumbs import breadcrumb_with_meta
+    except ImportError:  # pragma: no cover - breadcrumbs not available
+        return
+    try:
+        breadcrumb_with_meta(tag, payload, **meta)
+    except Exception as exc:  # never let forensics break locking
+        log.debug("breadcrumb %s failed: %s", tag, exc)
+
+
+# --------------------------------------------------------------------------- describing ourselves
+
+
+_SELF_IDENTITY: dict[int, tuple[float | None, str]] = {}
+
+
+def _self_identity() -> tuple[float | None, str]:
+    """``(create_time, cmdline)`` of this process, computed once per pid."""
+    pid = os.getpid()
+    cached = _SELF_IDENTITY.get(pid)
+    if cached is None:
+        create_time: float | None = None
+        cmdline = " ".join(sys.argv)
+        try:
+            import psutil
+
+            proc = psutil.Process(pid)
+            create_time = proc.create_time()
+            cmdline = " ".join(proc.cmdline()) or cmdline
+        except Exception as exc:  # pragma: no cover - psutil always works on our platforms
+            log.debug("cannot describe own process: %s", exc)
+        cached = (create_time, cmdline[:CMDLINE_MAX_CHARS])
+        _SELF_IDENTITY.clear()
+        _SELF_IDENTITY[pid] = cached
+    return cached
+
+
+def new_holder(label: str, path: Path) -> dict[str, Any]:
+    """The sidecar record describing this process as the holder of the lock at ``path``."""
+    create_time, cmdline = _self_identity()
+    return {
+        "pid": os.getpid(),
+        "create_time": create_time,
+        "label": label,
+        "cmdline": cmdline,
+        "started_at": datetime.now(UTC).isoformat(),
+        "host": socket.gethostname(),
+        "lock_path": str(path),
+    }
+
+
+def elapsed_s(started_at: Any) -> float | None:
+    """Seconds since an aware ISO timestamp, or ``None`` if it is not one."""
+    try:
+        started = datetime.fromisoformat(str(started_at))
+    except ValueError:
+        return None
+    if started.tzinfo is None:
+        return None
+    return round((datetime.now(UTC) - started).total_seconds(), 3)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _valid_sidecar(obj: Any) -> bool:
+    pid = obj.get("pid")
+    ct = obj.get("create_time")
+    return (
+        isinstance(pid, int)
+        and not isinstance(pid, bool)
+        and (ct is None or (isinstance(ct, (int, float)) and not isinstance(ct, bool)))
+    )
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar's claim, or None. A corrupt or foreign sidecar is quarantined."""
+    sidecar = lock_sidecar_path(path)
+    data = storage.read_json(sidecar, lambda: None, expect=dict, validate=_valid_sidecar)
+    return data if isinstance(data, dict) else None
+
+
+def flock_owner_pids(path: Path) -> set[int] | None:
+    """Linux only: pids owning an ``flock`` on ``path``'s inode per /proc/locks (None = unknown)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        inode = os.stat(path).st_ino
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    pids: set[int] = set()
+    found = False
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or parts[1] == "->" or "FLOCK" not in parts:
+            continue  # waiters are listed with "->"
+        i = parts.index("FLOCK")
+        try:
+            pid = int(parts[i + 3])
+            line_inode = int(parts[i + 4].rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if line_inode == inode:
+            found = True
+            pids.add(pid)
+    # The inode may be reported differently (e.g. overlay filesystems): unknown, not "nobody".
+    return pids if found else None
+
+
+def verify_holder(claim: dict[str, Any] | None, path: Path) -> tuple[bool, str, Any]:
+    """Is ``claim`` a live process that holds the lock? Returns ``(ok, reason, psutil.Process)``."""
+    if claim is None:
+        return False, "no holder sidecar", None
+    import psutil
+
+    pid = claim.get("pid")
+    create_time = claim.get("create_time")
+    if not isinstance(pid, int) or pid <= 0:
+        return False, "sidecar has no valid pid", None
+    if create_time is None:
+        return False, "sidecar has no create_time", None
+    try:
+        proc = psutil.Process(pid)
+        real_create_time = proc.create_time()
+        status = proc.status()
+    except psutil.NoSuchProcess:
+        return False, f"pid {pid} is not alive (stale sidecar)", None
+    except (psutil.AccessDenied, OSError) as exc:
+        return False, f"pid {pid} cannot be inspected ({type(exc).__name__})", None
+    if status == psutil.STATUS_ZOMBIE:
+        return False, f"pid {pid} is a zombie", None
+    if abs(real_create_time - float(create_time)) > CREATE_TIME_TOLERANCE_SEC:
+        return False, f"pid {pid} was started at another time (pid reused or forged sidecar)", None
+    owners = flock_owner_pids(path)
+    if owners is not None and pid not in owners:
+        return False, f"pid {pid} does not own the kernel lock", None
+    return True, "verified", proc
+
+
+def probe_free(path: Path) -> bool | None:
+    """Is the kernel lock free right now? ``None`` if this cannot be told.
+
+    While the probe holds a shared lock nobody can hold the exclusive one, so a sidecar left
+    by a dead holder is removed then.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-Unix
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        log.debug("cannot open lock %s to probe it: %s", path, exc)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.debug("cannot probe lock %s: %s", path, exc)
+            return None
+        with contextlib.suppress(OSError):
+            if storage.remove(lock_sidecar_path(path)):
+                log.info("removed the sidecar of a holder that no longer holds %s", path)
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock
+
+
+def describe_holder(path: Path) -> dict[str, Any]:
+    """What we can say about whoever holds the kernel lock at ``path`` (held elsewhere)."""
+    claim = read_sidecar(path)
+    ok, reason, _proc = verify_holder(claim, path)
+    if ok and claim is not None:
+        info = dict(claim)
+        info.update(held=True, verified=True, held_by_this_process=False)
+        info["elapsed_s"] = elapsed_s(info.get("started_at"))
+        return info
+    return {
+        "held": True,
+        "verified": False,
+        "held_by_this_process": False,
+        "pid": None,
+        "label": None,
+        "reason": reason,
+        "claimed": claim,
+        "lock_path": str(path),
+    }
+
+
+# --------------------------------------------------------------------------- signalling
+
+
+def may_signal(proc: Any) -> tuple[bool, str]:
+    """Only a verified, same-user, ordinary process may be SIGTERMed by ``force=True``."""
+    pid = proc.pid
+    if pid <= 1:
+        return False, f"refusing to signal pid {pid}"
+    if pid == os.getpid():
+        return False, "refusing to signal this process"
+    getuid = getattr(os, "getuid", None)
+    if getuid is not None:
+        try:
+            if proc.uids().real != getuid():
+                return False, f"pid {pid} belongs to another user"
+        except Exception as exc:
+            return False, f"cannot read the owner of pid {pid} ({type(exc).__name__})"
+    return True, "same user"
+
+
+def signal_holder(path: Path, claim: dict[str, Any], proc: Any) -> None:
+    """SIGTERM the verified holder ``proc`` (described by ``claim``) of the lock at ``path``.
+
+    Raises :class:`MLXLockConflict` when :func:`may_signal` refuses or the signal is not
+    permitted; a holder that exited meanwhile is not an error.
+    """
+    pid = int(claim["pid"])
+    allowed, why = may_signal(proc)
+    if not allowed:
+        holder = describe_holder(path)
+        holder["force_refused"] = why
+        _crumb("LOCK_FORCE_REFUSED", str(claim.get("label", "")), pid=pid, reason=why)
+        raise MLXLockConflict(holder, f"MLX lock is held by pid {pid}; force refused: {why}")
+    import psutil
+
+    log.warning("force: sending SIGTERM to MLX lock holder pid %d (%s)", pid, claim.get("label"))
+    _crumb("LOCK_FORCE", str(claim.get("label", "")), pid=pid)
+    try:
+        # psutil re-checks the process identity (pid + create time) right before signalling.
+        proc.send_signal(signal.SIGTERM)
+    except psutil.NoSuchProcess:
+        pass  # exited on its own meanwhile
+    except (psutil.AccessDenied, PermissionError):
+        holder = describe_holder(path)
+        holder["force_permission_denied"] = True
+        raise MLXLockConflict(holder, f"not permitted to signal MLX lock holder pid {pid}")
