@@ -156,9 +156,12 @@ def test_oom_during_generation_becomes_metal_oom_error(guarded: dict[str, Any], 
 
     def failing_step(*args: Any, **kwargs: Any) -> Any:
         steps = real_step(*args, **kwargs)
-        yield next(steps)
-        raise RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory "
-                           "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory).")
+        try:
+            yield next(steps)
+            raise RuntimeError("[METAL] Command buffer execution failed: Insufficient Memory "
+                               "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory).")
+        finally:
+            steps.close()  # finish the real generator on this thread (MLX streams are thread-affine)
 
     monkeypatch.setattr(module, "generate_step", failing_step)
     with pytest.raises(MetalOOMError) as info:
@@ -173,8 +176,8 @@ def test_isolated_model_block_routes_runner_calls_to_the_worker(guarded: dict[st
                                                                 tiny_model_path: Path) -> None:
     """Inside ``with isolated_model(...) as m``, mlx_lm calls given ``m`` run in the worker;
     calls with an in-process model still run here, guarded."""
-    isolation = pytest.importorskip("metal_guard.isolation.context")
     from metal_guard.adapters.mlx_lm import IsolatedResponse
+    from metal_guard.isolation import context as isolation
 
     model, tok = mlx_lm.load(str(tiny_model_path))
     tracker = global_resource_tracker()

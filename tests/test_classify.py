@@ -265,7 +265,7 @@ def test_non_gpu_messages_are_none(text: str) -> None:
 
 
 def test_every_row_is_covered_by_a_real_string() -> None:
-    covered = {name for _, name in POSITIVES} | {"worker_exit"}  # worker_exit: exit status only
+    covered = {name for _, name in POSITIVES} | {"worker_exit", "worker_terminated"}  # exit status only
     assert covered == ERROR_CLASS_NAMES
 
 
@@ -570,7 +570,7 @@ def test_classify_crash_from_real_signals() -> None:
         (-signal.SIGBUS, "worker_segfault"),
         (-signal.SIGILL, "worker_segfault"),
         (-signal.SIGKILL, "worker_killed"),
-        (-signal.SIGTERM, "worker_exit"),
+        (-signal.SIGTERM, "worker_terminated"),
         (128 + signal.SIGABRT, "process_abort"),  # shell form, e.g. 134
         (128 + signal.SIGKILL, "worker_killed"),  # 137
         (1, "worker_exit"),
@@ -687,7 +687,9 @@ def _set(path: str, value: Any) -> Any:
             False,
         ),
         (lambda d: d["classes"].pop(), "required class 'worker_exit'", False),
-        (lambda d: d["classes"].insert(5, d["classes"].pop(-2)), "classifies as", False),
+        (lambda d: d["classes"].insert(5, d["classes"].pop(
+            [c["name"] for c in d["classes"]].index("metal_command_buffer_failed"))),
+         "classifies as", False),
         (_set("classes.6.examples", ["nothing to see"]), "classifies as None", False),
     ],
 )
@@ -793,3 +795,12 @@ def test_table_names_are_still_importable_from_classify() -> None:
                  "ErrorTableError", "validate_error_table"):
         assert getattr(classify, name) is getattr(classify_table, name), name
         assert name in classify.__all__
+
+
+@pytest.mark.parametrize("exitcode", [-15, 143, -2, -1])
+def test_polite_stop_signals_are_not_gpu_failures(exitcode: int) -> None:
+    from metal_guard.classify import classify_crash
+
+    cls = classify_crash(exitcode, "")
+    assert cls is not None and cls.name == "worker_terminated"
+    assert cls.recovery_hint == "respawn_now"

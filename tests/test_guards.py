@@ -300,10 +300,8 @@ def test_reexports() -> None:
     from metal_guard.bench import bench_scoped_load
 
     assert guards.bench_scoped_load is bench_scoped_load
-    try:
-        from metal_guard.isolation.context import isolated_model
-    except ImportError:
-        pytest.skip("metal_guard.isolation.context not available yet")
+    from metal_guard.isolation.context import isolated_model
+
     assert guards.isolated_model is isolated_model
 
 
