@@ -14,11 +14,14 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from metal_guard.clock import now_ts as _now_ts
+from metal_guard.clock import utc_iso as _iso
+from metal_guard.settings import settings_or_current as _settings
 
 log = logging.getLogger("metal_guard.heartbeat")
 
@@ -34,24 +37,6 @@ _MEM_KEYS = ("active_bytes", "peak_bytes", "cache_bytes", "limit_bytes", "footpr
              "system_total_bytes", "system_available_bytes")
 _publish_lock = threading.Lock()
 _last_publish: dict[int, float] = {}
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-def _now_ts(now: datetime | float | None) -> float:
-    if now is None:
-        return time.time()
-    return now.timestamp() if isinstance(now, datetime) else float(now)
-
-
-def _settings(settings: Any = None) -> Any:
-    if settings is not None:
-        return settings
-    from metal_guard.settings import get_settings
-
-    return get_settings()
 
 
 def to_jsonable(value: Any, depth: int = 0) -> Any:

@@ -393,6 +393,11 @@ def get_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Sett
     return Settings(**values, from_env=frozenset(from_env))
 
 
+def settings_or_current(settings: Settings | None = None) -> Settings:
+    """``settings`` when given, else the settings in force now (for ``settings=`` parameters)."""
+    return settings if settings is not None else get_settings()
+
+
 def describe_variables() -> list[dict[str, str]]:
     """The table of variables for docs and `metal-guard doctor`."""
     return [

@@ -22,19 +22,21 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from metal_guard._version import __version__
+from metal_guard.clock import now_ts as _now_ts
+from metal_guard.clock import utc_iso as _iso
 from metal_guard.heartbeat import (
     clear_published_memory,
     publish_memory,
     read_published_memory,
     to_jsonable,
 )
+from metal_guard.settings import settings_or_current as _settings
 
 log = logging.getLogger("metal_guard.status")
 
@@ -54,24 +56,6 @@ __all__ = [
 #: Bumped on breaking changes; minor versions only add keys.
 STATUS_SNAPSHOT_SCHEMA_VERSION = "2.0"
 GB = 1_000_000_000
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-def _now_ts(now: datetime | float | None) -> float:
-    if now is None:
-        return time.time()
-    return now.timestamp() if isinstance(now, datetime) else float(now)
-
-
-def _settings(settings: Any = None) -> Any:
-    if settings is not None:
-        return settings
-    from metal_guard.settings import get_settings
-
-    return get_settings()
 
 
 # --------------------------------------------------------------------------- collectors

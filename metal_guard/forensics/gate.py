@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from metal_guard.clock import now_ts as _now_ts
+from metal_guard.clock import utc_iso
 from metal_guard.forensics.records import KERNEL_PANIC, PanicRecord
+from metal_guard.settings import settings_or_current as _settings
 
 log = logging.getLogger("metal_guard.forensics.gate")
 
@@ -69,7 +71,7 @@ PROCEED, COOLDOWN, LOCKOUT, BROKEN, DISABLED, ACKED = (
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    return None if ts is None else utc_iso(ts)
 
 
 @dataclass(frozen=True)
@@ -131,20 +133,6 @@ class CooldownVerdict:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _now_ts(now: datetime | float | None) -> float:
-    if now is None:
-        return time.time()
-    return now.timestamp() if isinstance(now, datetime) else float(now)
-
-
-def _settings(settings: Any = None) -> Any:
-    if settings is not None:
-        return settings
-    from metal_guard.settings import get_settings
-
-    return get_settings()
 
 
 def _read_state(path: Path) -> tuple[dict[str, Any] | None, str | None]:

@@ -23,10 +23,11 @@ import logging
 import os
 import platform
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from metal_guard.clock import utc_iso as _iso
 from metal_guard.forensics.records import PanicRecord
 
 log = logging.getLogger("metal_guard.forensics.postmortem")
@@ -37,10 +38,6 @@ MAX_REPORTS = 5
 MAX_REPORT_BYTES = 5 * 1024 * 1024
 BREADCRUMB_LINES = 500
 MAX_ARCHIVE_BYTES = 5 * 1024 * 1024
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 def _safe_name(name: str) -> str:

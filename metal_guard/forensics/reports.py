@@ -24,13 +24,13 @@ import logging
 import os
 import re
 import stat
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from metal_guard.clock import now_ts as _now_ts
 from metal_guard.forensics.records import KERNEL_PANIC, PanicRecord
 from metal_guard.forensics.scancache import ScanCache, fingerprint
 
@@ -348,13 +348,6 @@ def parse_report_file(path: Path | str, *, max_bytes: int = MAX_READ_BYTES) -> P
 
 # --------------------------------------------------------------------------- scanning
 
-
-def _now_ts(now: datetime | float | None) -> float:
-    if now is None:
-        return time.time()
-    if isinstance(now, datetime):
-        return now.timestamp()
-    return float(now)
 
 
 def scan_reports(
