@@ -21,7 +21,7 @@ from metal_guard.cli import EXIT_COOLDOWN, EXIT_FAILED, EXIT_OK, add_command
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = add_command(subparsers, "demo",
-                    help="run a guarded two-model pipeline on tiny local models (~20 s, offline)")
+                    help="run a guarded two-model pipeline on tiny local models (about 5 s once cached, offline)")
     p.add_argument("--max-tokens", type=int, default=12, metavar="N",
                    help="tokens per generation (default: 12)")
     p.add_argument("--keep-home", action="store_true",
