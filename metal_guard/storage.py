@@ -153,13 +153,17 @@ def lock_path_for(path: Path) -> Path:
 
 @contextlib.contextmanager
 def locked(path: Path, timeout: float = LOCK_TIMEOUT_SEC) -> Iterator[None]:
-    """Hold the kernel lock that guards read-modify-write of ``path``."""
+    """Hold the kernel lock that guards read-modify-write of ``path``.
+
+    Re-entrant within a thread (one lock object per path, counting nested holds); other
+    threads and processes wait up to ``timeout`` seconds, then ``filelock.Timeout`` is raised.
+    """
     import filelock
 
     lock_file = lock_path_for(path)
     ensure_dir(lock_file.parent)
-    lock = filelock.FileLock(str(lock_file), timeout=timeout, mode=FILE_MODE)
-    with lock:
+    lock = filelock.FileLock(str(lock_file), mode=FILE_MODE, is_singleton=True)
+    with lock.acquire(timeout=timeout):
         yield
 
 

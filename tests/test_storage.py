@@ -136,3 +136,23 @@ def test_remove(tmp_path: Path) -> None:
     assert storage.remove(path) is False
     storage.write_json(path, {})
     assert storage.remove(path) is True
+
+
+def test_locked_is_reentrant_in_a_thread_and_exclusive_across_threads(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "s.json"
+    order: list[str] = []
+    with storage.locked(path, timeout=1), storage.locked(path, timeout=1):  # nested: no deadlock
+        order.append("outer")
+
+        def other() -> None:
+            with storage.locked(path, timeout=10):
+                order.append("other")
+
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.2)
+        order.append("outer-still-holding")
+    t.join(10)
+    assert order == ["outer", "outer-still-holding", "other"]
