@@ -228,6 +228,19 @@ def test_load_failure_is_a_worker_error_and_releases_the_lock(tmp_path: Path) ->
     assert read_mlx_lock() is None
 
 
+def test_a_runner_dropped_without_shutdown_releases_the_gpu_lock(tiny_model_path: Path) -> None:
+    import gc
+
+    from metal_guard.lock import read_mlx_lock
+
+    dropped = MLXSubprocessRunner(tiny_model_path, start=False)
+    holder = read_mlx_lock()
+    assert holder is not None and holder.get("pid") == os.getpid()
+    del dropped
+    gc.collect()
+    assert read_mlx_lock() is None
+
+
 # ----------------------------------------------------------------------------- mlx-vlm
 
 

@@ -321,17 +321,26 @@ class WorkerLifecycle:
         info = acquire_mlx_lock(f"mlx_subprocess_runner:{self.model_id}")
         if info.get("acquired"):
             self._lock_path = str(info.get("lock_path") or "") or None
+            if self._lock_path is not None:
+                # A runner dropped without shutdown() must not hold the GPU lock until exit.
+                self._lock_finalizer = weakref.finalize(self, _release_lock_at, self._lock_path)
 
     def _release_gpu_lock(self) -> None:
         path, self._lock_path = self._lock_path, None
-        if path is None:
-            return
-        try:
-            from metal_guard.lock import release_mlx_lock
+        finalizer = getattr(self, "_lock_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+        if path is not None:
+            _release_lock_at(path)
 
-            release_mlx_lock(lock_path=Path(path))
-        except Exception as exc:
-            log.warning("could not release the MLX lock: %s", exc)
+
+def _release_lock_at(path: str) -> None:
+    try:
+        from metal_guard.lock import release_mlx_lock
+
+        release_mlx_lock(lock_path=Path(path))
+    except Exception as exc:
+        log.warning("could not release the MLX lock: %s", exc)
 
 
 def _monitor_for(runner: WorkerLifecycle, proc: Any) -> S.FootprintMonitor:
