@@ -154,3 +154,15 @@ def test_fuzz_pairing_never_raises(lines: list[str]) -> None:
         assert isinstance(model, str) and isinstance(ts, float)
         assert pid is None or isinstance(pid, int)
         assert ct is None or isinstance(ct, float)
+
+
+def test_ready_line_for_a_model_path_with_spaces_keeps_the_worker_identity() -> None:
+    from metal_guard.breadcrumbs import format_line
+    from metal_guard.forensics.orphans import pair_breadcrumbs
+
+    lines = [
+        format_line("SUBPROCESS_WORKER", "/Users/me/My Models/tiny ready", pid=4242, create_time="123.5"),
+        format_line("SUBPROC_PRE", "/Users/me/My Models/tiny", pid=4242),
+    ]
+    [(model, _ts, pid, create_time)] = pair_breadcrumbs(lines)
+    assert (model, pid, create_time) == ("/Users/me/My Models/tiny", 4242, 123.5)

@@ -29,7 +29,7 @@ __all__ = ["OrphanPre", "kill_orphans", "scan_orphan_subproc_pre"]
 TAIL_LINES = 2000
 #: create_time values recorded by the worker and read back by psutil agree to this many seconds.
 CREATE_TIME_TOLERANCE_SEC = 0.05
-_LEGACY_READY_RE = re.compile(r"^(?P<model>\S+) ready(?:,\s*pid=(?P<pid>\d+))?")
+_LEGACY_READY_RE = re.compile(r"^(?P<model>.+?) ready(?:,\s*pid=(?P<pid>\d+))?$")
 
 RUNNING, GONE, UNKNOWN = "running", "gone", "unknown"
 
