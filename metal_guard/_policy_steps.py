@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.settings import Settings
 
 log = logging.getLogger("metal_guard.policy")
@@ -42,14 +43,6 @@ def _layer(name: str) -> Any | None:
             log.debug("guard layer %s unavailable (%s); that step is skipped", name, exc)
         return None
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    try:
-        from metal_guard.breadcrumbs import breadcrumb_with_meta
-
-        breadcrumb_with_meta(tag, payload, **meta)
-    except Exception as exc:  # a breadcrumb never changes the outcome
-        log.debug("breadcrumb %s failed: %s", tag, exc)
 
 
 def _step(name: str, fn: Callable[[], Any], mode: str, model_id: str) -> Any:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from metal_guard import storage
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MLXCooldownActive, SettingsError
 from metal_guard.forensics.records import PROCESS_CRASH, PanicRecord
 from metal_guard.settings import get_settings
@@ -207,16 +208,6 @@ def ingest_panics_jsonl(
 
 # --------------------------------------------------------------------------- breaker
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    try:
-        from metal_guard.breadcrumbs import breadcrumb_with_meta
-    except ImportError:  # pragma: no cover
-        return
-    try:
-        breadcrumb_with_meta(tag, payload, **meta)
-    except Exception as exc:
-        log.debug("breadcrumb %s failed: %s", tag, exc)
 
 
 class CircuitBreaker:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from metal_guard import backend
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.settings import Settings, get_settings
 
 log = logging.getLogger("metal_guard.cleanup")
@@ -29,11 +30,6 @@ __all__ = ["ThreadRegistry", "flush_gpu", "kv_cache_clear_on_pressure", "safe_cl
 
 Sleep = Callable[[float], Any]
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    from metal_guard.breadcrumbs import breadcrumb_with_meta
-
-    breadcrumb_with_meta(tag, payload, **meta)
 
 
 class ThreadRegistry:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from metal_guard import storage
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MLXLockConflict
 from metal_guard.lock_holder import CMDLINE_MAX_CHARS as CMDLINE_MAX_CHARS
 from metal_guard.lock_holder import CREATE_TIME_TOLERANCE_SEC as CREATE_TIME_TOLERANCE_SEC
@@ -101,16 +102,6 @@ def _install_fork_hook() -> None:
 def _key(path: Path) -> str:
     return str(Path(path).expanduser().absolute())
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    try:
-        from metal_guard.breadcrumbs import breadcrumb_with_meta
-    except ImportError:  # pragma: no cover - breadcrumbs not available
-        return
-    try:
-        breadcrumb_with_meta(tag, payload, **meta)
-    except Exception as exc:  # never let forensics break locking
-        log.debug("breadcrumb %s failed: %s", tag, exc)
 
 
 def _public(hold: _Hold) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from metal_guard import storage
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MLXLockConflict
 from metal_guard.settings import get_settings
 
@@ -52,16 +53,6 @@ def lock_sidecar_path(lock_path: Path | None = None) -> Path:
     path = Path(lock_path) if lock_path is not None else get_settings().resolved_lock_path
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    try:
-        from metal_guard.breadcrumbs import breadcrumb_with_meta
-    except ImportError:  # pragma: no cover - breadcrumbs not available
-        return
-    try:
-        breadcrumb_with_meta(tag, payload, **meta)
-    except Exception as exc:  # never let forensics break locking
-        log.debug("breadcrumb %s failed: %s", tag, exc)
 
 
 # --------------------------------------------------------------------------- describing ourselves

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from metal_guard import backend
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import ModelDoesNotFitError
 from metal_guard.hardware import process_footprint, recommended_config
 from metal_guard.hardware import process_footprint_bytes as process_footprint_bytes
@@ -221,11 +222,6 @@ def log_memory(label: str, model_name: str = "", *, stats: MemoryStats | None = 
     log.info("[%s]%s %s", label, f" {model_name}" if model_name else "", stats.describe())
     return stats
 
-
-def _crumb(tag: str, payload: str, **meta: Any) -> None:
-    from metal_guard.breadcrumbs import breadcrumb_with_meta
-
-    breadcrumb_with_meta(tag, payload, **meta)
 
 
 def ensure_headroom(model_name: str = "", threshold_pct: float = 67.0, *,

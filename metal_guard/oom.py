@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from metal_guard import backend
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MetalOOMError
 from metal_guard.settings import Settings, get_settings
 
@@ -32,11 +33,6 @@ __all__ = ["call_with_oom_recovery", "oom_protected", "oom_protected_context"]
 T = TypeVar("T")
 Reduce = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    from metal_guard.breadcrumbs import breadcrumb_with_meta
-
-    breadcrumb_with_meta(tag, payload, **meta)
 
 
 def _stats() -> Any:

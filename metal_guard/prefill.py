@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MetalOOMError
 from metal_guard.settings import Settings, get_settings
 
@@ -44,11 +45,6 @@ __all__ = [
 GB = 1e9
 DEFAULT_HEADROOM_PCT = 0.30
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    from metal_guard.breadcrumbs import breadcrumb_with_meta
-
-    breadcrumb_with_meta(tag, payload, **meta)
 
 
 def _ceiling(value: float | None) -> float:

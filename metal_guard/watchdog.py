@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metal_guard import backend
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.settings import Settings, get_settings
 
 log = logging.getLogger("metal_guard.watchdog")
@@ -35,11 +36,6 @@ GB = 1e9
 #: Upper bound on one idle wait of the scheduler thread (it is woken earlier by any change).
 MAX_IDLE_WAIT_SEC = 60.0
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    from metal_guard.breadcrumbs import breadcrumb_with_meta
-
-    breadcrumb_with_meta(tag, payload, **meta)
 
 
 def call_flexible(callback: Callable[..., Any], *args: Any) -> Any:

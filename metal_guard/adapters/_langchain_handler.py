@@ -25,6 +25,8 @@ from uuid import UUID
 
 from langchain_core.callbacks.base import BaseCallbackHandler
 
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
+
 log = logging.getLogger("metal_guard.adapters.langchain")
 
 #: Substrings of a model's class path / ``_type`` that mean "runs on the local GPU".
@@ -35,14 +37,6 @@ LOCAL_MARKERS = ("mlx", "llamacpp", "llama_cpp", "llama-cpp", "ollama", "hugging
 CRITICAL_USED_PCT = 95.0
 VETO_CHOICES = ("local", "all", "none")
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    try:
-        from metal_guard.breadcrumbs import breadcrumb_with_meta
-
-        breadcrumb_with_meta(tag, payload, **meta)
-    except Exception as exc:
-        log.debug("breadcrumb %s failed: %s", tag, exc)
 
 
 def _identify(serialized: dict[str, Any] | None, kwargs: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ from typing import Any
 
 from metal_guard.adapters import _server_http as http
 from metal_guard.adapters.base import Target
+from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.policy import CallInfo
 
 NAME = "mlx_lm_server"
@@ -68,14 +69,6 @@ SIMULATED_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
 #: The generation thread's server state (set by the ``_generate`` supervisor).
 _thread = threading.local()
 
-
-def _crumb(tag: str, payload: str = "", **meta: Any) -> None:
-    try:
-        from metal_guard.breadcrumbs import breadcrumb_with_meta
-
-        breadcrumb_with_meta(tag, payload, **meta)
-    except Exception as exc:
-        log.debug("breadcrumb %s failed: %s", tag, exc)
 
 
 def _release_memory() -> None:
