@@ -48,6 +48,29 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture
+def rdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty diagnostic-reports directory that the code under test scans."""
+    d = tmp_path / "reports"
+    d.mkdir()
+    monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An isolated metal-guard home for module-scoped resources (e.g. a shared worker)."""
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("mg-module-home")
+    for name in list(os.environ):
+        if name.startswith("METALGUARD_") and name != MODEL_CACHE_ENV:
+            mp.delenv(name)
+    mp.setenv("METALGUARD_HOME", str(home))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield home
+    mp.undo()
+
+
+@pytest.fixture
 def metalguard_home(_isolated_home: Path) -> Path:
     """The per-test ``METALGUARD_HOME`` (exists, empty at the start of the test)."""
     return _isolated_home

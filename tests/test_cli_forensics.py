@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from report_factory import write_panic
 
 from metal_guard.breadcrumbs import format_line
@@ -30,14 +29,6 @@ def run_json(*args: str, **kw: object) -> tuple[int, dict]:
     proc = run(*args, "--json", **kw)  # type: ignore[arg-type]
     assert proc.stdout.strip(), proc.stderr
     return proc.returncode, json.loads(proc.stdout)
-
-
-@pytest.fixture
-def rdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "reports"
-    d.mkdir()
-    monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(d))
-    return d
 
 
 def test_gate_exit_codes_match_the_table() -> None:

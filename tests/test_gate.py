@@ -39,14 +39,6 @@ H = 3600.0
 NOW = datetime.fromisoformat("2026-08-20T12:00:00+00:00").timestamp()
 
 
-@pytest.fixture
-def rdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "reports"
-    d.mkdir()
-    monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(d))
-    return d
-
-
 def verdict(at: float = NOW, **overrides: object) -> CooldownVerdict:
     return evaluate_panic_cooldown(now=at, settings=get_settings(**overrides) if overrides else None)
 

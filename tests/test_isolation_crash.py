@@ -35,19 +35,6 @@ CYCLES = int(os.environ.get("METALGUARD_TEST_CRASH_CYCLES", "20"))
 
 
 @pytest.fixture(scope="module")
-def module_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    mp = pytest.MonkeyPatch()
-    home = tmp_path_factory.mktemp("iso-crash-home")
-    for name in list(os.environ):
-        if name.startswith("METALGUARD_") and name != "METALGUARD_TEST_MODEL_CACHE":
-            mp.delenv(name)
-    mp.setenv("METALGUARD_HOME", str(home))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    yield home
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def crasher(module_home: Path, tiny_model_path: Path) -> Iterator[MLXSubprocessRunner]:
     """A worker that honours debug faults; tests crash it and expect a respawn."""
     r = MLXSubprocessRunner(tiny_model_path, env=FAULTS, footprint_interval_sec=0.1)

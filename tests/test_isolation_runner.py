@@ -23,20 +23,6 @@ OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
 
 
 @pytest.fixture(scope="module")
-def module_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A metal-guard home for module-scoped workers (never the real one)."""
-    mp = pytest.MonkeyPatch()
-    home = tmp_path_factory.mktemp("iso-module-home")
-    for name in list(os.environ):
-        if name.startswith("METALGUARD_") and name != "METALGUARD_TEST_MODEL_CACHE":
-            mp.delenv(name)
-    mp.setenv("METALGUARD_HOME", str(home))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    yield home
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def runner(module_home: Path, tiny_model_path: Path) -> Iterator[MLXSubprocessRunner]:
     r = MLXSubprocessRunner(tiny_model_path, env=FAULTS)
     yield r

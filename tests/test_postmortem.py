@@ -19,14 +19,6 @@ from metal_guard.settings import get_settings
 H = 3600.0
 
 
-@pytest.fixture
-def rdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "reports"
-    d.mkdir()
-    monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(d))
-    return d
-
-
 def test_bundle_with_panics(rdir: Path, tmp_path: Path) -> None:
     now = time.time()
     for i in range(7):

@@ -22,12 +22,9 @@ ENTRIES = pytest.mark.parametrize("entry", [PY_ENTRY, BASH_ENTRY], ids=["console
 
 
 @pytest.fixture
-def rdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "reports"
-    d.mkdir()
-    monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(d))
+def rdir(rdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MLX_SAFE_PYTHON_BIN", sys.executable)
-    return d
+    return rdir
 
 
 def run(entry: list[str], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

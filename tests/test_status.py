@@ -34,14 +34,6 @@ from metal_guard.status_prom import render_prometheus
 H = 3600.0
 
 
-@pytest.fixture
-def rdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "reports"
-    d.mkdir()
-    monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(d))
-    return d
-
-
 def validate(snap: dict) -> None:
     jsonschema.Draft202012Validator.check_schema(status_schema())
     jsonschema.validate(json.loads(json.dumps(snap)), status_schema())
