@@ -69,6 +69,9 @@ def before_load(model_id: str, info: Any, pol: Mapping[str, Any], s: Settings) -
     """Gate, breaker, registry, fit, cadence — in that order (cheapest refusal first, cadence
     last because it records the load)."""
     mode = s.mode
+    migrate = _layer("metal_guard.migrate")
+    if migrate is not None:  # a metal-guard 0.11 cooldown / breaker / recent load is honoured
+        migrate.ensure_imported(s)
     if pol.get("gate", True):
         gate = _layer("metal_guard.forensics.gate")
         if gate is not None:

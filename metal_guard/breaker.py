@@ -32,6 +32,7 @@ from metal_guard import storage
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MLXCooldownActive, SettingsError
 from metal_guard.forensics.records import PROCESS_CRASH, PanicRecord
+from metal_guard.migrate import ensure_imported as ensure_legacy_imported
 from metal_guard.settings import get_settings
 
 log = logging.getLogger("metal_guard.breaker")
@@ -348,11 +349,13 @@ class CircuitBreaker:
 
     def status(self, *, now: float | None = None) -> dict[str, Any]:
         """The breaker's state (read-only; does not ingest or persist)."""
+        ensure_legacy_imported()  # a metal-guard 0.11 open breaker stays open (migrate.py)
         return self._evaluate(self._read_state(), self._now(now))
 
     def check(self, *, now: float | None = None, ingest: bool | None = None) -> dict[str, Any]:
         """Raise :class:`MLXCooldownActive` while the breaker is open; else return :meth:`status`."""
         at = self._now(now)
+        ensure_legacy_imported()  # a metal-guard 0.11 open breaker stays open (migrate.py)
         if self.auto_ingest if ingest is None else ingest:
             self.ingest(now=at)
         status = self._evaluate(self._read_state(), at, repair=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 from metal_guard import storage
 from metal_guard.errors import CadenceViolation, CrossModelCadenceViolation, SettingsError
+from metal_guard.migrate import ensure_imported as ensure_legacy_imported
 from metal_guard.settings import get_settings
 
 log = logging.getLogger("metal_guard.cadence")
@@ -106,6 +107,7 @@ class CadenceGuard:
         clock: Callable[[], float] | None = None,
     ) -> None:
         settings = get_settings()
+        ensure_legacy_imported(settings)  # recent metal-guard 0.11 loads still count (migrate.py)
         self._path = Path(path) if path is not None else settings.state_file(CADENCE_FILE)
         self._min = _interval("min_interval_sec", min_interval_sec, settings.cadence_min_interval_sec)
         self._cross = _interval(

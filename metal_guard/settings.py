@@ -153,6 +153,8 @@ VARIABLES: tuple[_Var, ...] = (
          "Breadcrumb log file (default: <state>/metal_breadcrumb.log)."),
     _Var("METALGUARD_BREADCRUMB_MAX_BYTES", "breadcrumb_max_bytes", _i(4096), 5_000_000,
          "Rotate the breadcrumb log when it grows past this size (one .1 backup kept)."),
+    _Var("METALGUARD_LEGACY_DIR", "legacy_dir", parse_path, None,
+         "metal-guard 0.11 state directory read once on first use (default: ~/.cache/metal-guard; the 0.11 ack is ~/.metal-guard-ack, or .metal-guard-ack in this directory when set). Never written."),
     _Var("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", "diagnostic_reports_dirs", parse_paths, None,
          "os.pathsep-separated directories scanned for .panic/.ips reports (default: system and per-user DiagnosticReports incl. Retired/)."),
     # L8 lock
@@ -264,6 +266,7 @@ class Settings:
     breadcrumb_path: Path | None = None
     breadcrumb_max_bytes: int = 5_000_000
     diagnostic_reports_dirs: tuple[Path, ...] | None = None
+    legacy_dir: Path | None = None
     lock_path: Path | None = None
     force_wait_sec: float = 30.0
     reclaim_cooldown_sec: float = 8.0

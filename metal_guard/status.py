@@ -36,6 +36,7 @@ from metal_guard.heartbeat import (
     read_published_memory,
     to_jsonable,
 )
+from metal_guard.migrate import ensure_imported as ensure_legacy_imported
 from metal_guard.settings import settings_or_current as _settings
 
 log = logging.getLogger("metal_guard.status")
@@ -230,6 +231,7 @@ def get_status_snapshot(
 ) -> dict[str, Any]:
     """Collect the snapshot (a JSON-able dict; see ``docs/forensics.md``). Never imports MLX."""
     s = _settings(settings)
+    ensure_legacy_imported(s)  # show a metal-guard 0.11 cooldown/breaker carried over (migrate.py)
     now_ts = _now_ts(now)
     ctx: dict[str, Any] = {"settings": s, "now": now_ts, "prune": prune,
                            "breadcrumb_lines": max(0, int(breadcrumb_lines))}

@@ -41,6 +41,7 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
     reports.mkdir()
     monkeypatch.setenv("METALGUARD_HOME", str(home))
     monkeypatch.setenv("METALGUARD_DIAGNOSTIC_REPORTS_DIRS", str(reports))
+    monkeypatch.setenv("METALGUARD_LEGACY_DIR", str(root / "legacy-0.11"))  # never the real ~/.cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

@@ -32,6 +32,7 @@ from typing import Any
 from metal_guard.clock import now_ts as _now_ts
 from metal_guard.clock import utc_iso
 from metal_guard.forensics.records import KERNEL_PANIC, PanicRecord
+from metal_guard.migrate import ensure_imported as ensure_legacy_imported
 from metal_guard.settings import settings_or_current as _settings
 
 log = logging.getLogger("metal_guard.forensics.gate")
@@ -287,6 +288,7 @@ def evaluate_panic_cooldown(
 
 
 def _evaluate(s: Any, now_ts: float, report_dirs: Any) -> CooldownVerdict:
+    ensure_legacy_imported(s)  # a metal-guard 0.11 cooldown on disk is honoured (migrate.py)
     result = _scan(s, now_ts, 72.0, 24.0, report_dirs)
     errors = list(result.errors)
     gpu = [r for r in result.records if r.kind == KERNEL_PANIC and r.is_gpu]
