@@ -9,6 +9,7 @@ written against plain MLX keeps working.
 from __future__ import annotations
 
 import signal as _signal
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -116,17 +117,24 @@ class CadenceViolation(MetalGuardError, RuntimeError):
 
 
 class CrossModelCadenceViolation(CadenceViolation):
-    """Another model was loaded less than ``cross_model_interval`` seconds ago (L9)."""
+    """Another model was loaded less than ``cross_model_interval`` seconds ago (L9).
+
+    Accepts the seed's form ``(model_id, last_model, last_ts, cross_model_interval)``
+    (positional or keyword); ``delta`` (seconds since ``last_ts``) defaults to "now minus
+    ``last_ts``", as in the seed.
+    """
 
     def __init__(
         self,
         model_id: str,
-        *,
         last_model: str,
         last_ts: float,
         cross_model_interval: float,
-        delta: float,
+        *,
+        delta: float | None = None,
     ) -> None:
+        if delta is None:
+            delta = max(0.0, time.time() - float(last_ts))
         self.last_model = last_model
         self.cross_model_interval = cross_model_interval
         remaining = max(0.0, cross_model_interval - delta)

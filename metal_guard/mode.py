@@ -146,7 +146,8 @@ def mode_default(key: str, override: Any = None, *, mode: str | None = None,
 
 
 def describe_process_mode(settings: Settings | None = None) -> dict[str, Any]:
-    """Dashboard summary: detected mode, where it came from, and its defaults."""
+    """Dashboard summary: detected mode, where it came from, its defaults, plus the seed's
+    ``argv0`` (basename of ``sys.argv[0]``), ``has_ipykernel`` and ``subprocess_worker_env``."""
     settings = settings or get_settings()
     mode = detect_process_mode(settings=settings)
     if settings.process_mode:
@@ -157,4 +158,8 @@ def describe_process_mode(settings: Settings | None = None) -> dict[str, Any]:
         source = "detected"
     defaults = apply_mode_defaults(mode, settings=settings)
     return {"mode": mode, "source": source, "description": defaults.pop("description", ""),
-            "defaults": {k: v for k, v in defaults.items() if k != "mode"}}
+            "defaults": {k: v for k, v in defaults.items() if k != "mode"},
+            # the seed's keys (0.11 dashboards read them)
+            "argv0": os.path.basename(sys.argv[0]) if sys.argv else "",
+            "has_ipykernel": "ipykernel" in sys.modules,
+            "subprocess_worker_env": "1" if settings.subprocess_worker else ""}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -246,7 +247,8 @@ class KVGrowthTracker:
         ceiling = float(mode_default("kv_ceiling_gb", ceiling_gb if ceiling_gb is not None else self.ceiling_gb))
         if ceiling <= 0:
             raise ValueError(f"ceiling_gb must be > 0, got {ceiling}")
-        entry = {"request_id": str(request_id), "bytes": 0, "ceiling_gb": ceiling, "started_at": time.time(),
+        entry = {"request_id": str(request_id), "bytes": 0, "cumulative_gb": 0.0, "step_count": 0,
+                 "ceiling_gb": ceiling, "started_at": time.time(),
                  "aborted": False, "exceeded": False, "finished": False}
         with self._lock:
             self._active[str(request_id)] = entry
@@ -255,7 +257,10 @@ class KVGrowthTracker:
     def add_bytes(self, request_id: str, n: int) -> int:
         """Add ``n`` bytes; return the running total. Passing the ceiling raises
         :class:`MetalOOMError` in defensive mode (and on every later call for that request);
-        observer mode marks the entry ``exceeded`` and records it. Unknown ids are ignored."""
+        observer mode marks the entry ``exceeded`` and records it. Unknown ids are ignored.
+        A negative, non-finite or non-numeric ``n`` raises ``ValueError`` (KV only grows)."""
+        if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(n) or n < 0:
+            raise ValueError(f"bytes added must be a finite number >= 0, got {n!r}")
         with self._lock:
             entry = self._active.get(str(request_id))
             if entry is None:
@@ -263,6 +268,8 @@ class KVGrowthTracker:
             if entry["aborted"]:
                 raise MetalOOMError(f"KV growth of request {request_id!r} already exceeded its ceiling")
             entry["bytes"] += int(n)
+            entry["step_count"] += 1
+            entry["cumulative_gb"] = round(entry["bytes"] / GB, 3)
             total, ceiling = entry["bytes"], entry["ceiling_gb"]
             over = total > ceiling * GB and not entry["exceeded"]
             if over:

@@ -60,13 +60,15 @@ class ResourceTracker:
             return False
         return self.count >= self.cold_restart_after
 
-    def reset(self) -> None:
-        """Call after the worker was restarted."""
+    def reset(self) -> int:
+        """Call after the worker was restarted; returns the count before the reset."""
         with self._lock:
-            self._last_restart_at_count = self._count
+            prior = self._count
+            self._last_restart_at_count = prior
             self._last_restart_at = time.time()
             self._restarts += 1
             self._count = 0
+            return prior
 
     def snapshot(self) -> dict[str, Any]:
         from metal_guard import backend

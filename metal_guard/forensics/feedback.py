@@ -53,6 +53,61 @@ def _record(forensics: PanicRecord | Mapping[str, Any]) -> PanicRecord:
     raise TypeError(f"expected a PanicRecord or a mapping, got {type(forensics).__name__}")
 
 
+#: Keys of the 0.11 ``forensics`` mapping besides the panic text (``panic_string``).
+LEGACY_KEYS = ("panic_time", "hardware", "gpu_driver", "os_version", "kernel_version",
+               "mlx_versions", "repro_steps", "breadcrumbs", "advisories")
+
+
+def _legacy(forensics: Any) -> dict[str, Any]:
+    """The 0.11 ``forensics`` keys present in a mapping (empty values dropped)."""
+    if not isinstance(forensics, Mapping):
+        return {}
+    return {k: forensics[k] for k in LEGACY_KEYS if forensics.get(k) not in (None, "", [], {})}
+
+
+def _hardware(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        chip = value.get("chip") or value.get("model") or "unknown chip"
+        mem = value.get("gpu_memory_gb") or value.get("memory_gb")
+        extra = f" ({mem} GB unified)" if mem not in (None, "") else ""
+        return f"{chip}{extra}"
+    return str(value) if value else None
+
+
+def _steps(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, Mapping | bytes):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _advisory_line(adv: Mapping[str, Any]) -> str:
+    what = " ".join(str(adv[k]) for k in ("package", "installed_version") if adv.get(k))
+    title = adv.get("title") or adv.get("id") or "advisory"
+    where = adv.get("url") or adv.get("issue") or ""
+    line = "- Advisory"
+    if adv.get("severity"):
+        line += f" [{adv['severity']}]"
+    if what:
+        line += f" {what}"
+    return f"{line}: {title}" + (f" ({where})" if where else "")
+
+
+def _classified(rec: PanicRecord) -> PanicRecord:
+    """A 0.11 mapping carries only the panic text: classify it like a parsed report."""
+    try:
+        from metal_guard.classify import classify_mlx_error, detect_panic_signature
+
+        cls = classify_mlx_error(rec.excerpt)
+        signature, explanation = detect_panic_signature(rec.excerpt)
+    except ImportError:
+        return rec
+    return dataclasses.replace(
+        rec, error_class=cls.name if cls else None, signature=rec.signature or signature,
+        explanation=rec.explanation or explanation or "")
+
+
 def _upstream_refs(record: PanicRecord) -> list[str]:
     try:
         from metal_guard.classify import get_error_class
@@ -81,27 +136,47 @@ def format_panic_for_apple_feedback(
     redact_home: bool = True,
 ) -> str:
     """Markdown for Feedback Assistant: title, summary, panic string, system, steps to
-    reproduce, what metal-guard observed, breadcrumb tail and related public reports."""
+    reproduce, what metal-guard observed, breadcrumb tail and related public reports.
+
+    A mapping may also carry the 0.11 keys (:data:`LEGACY_KEYS`): ``panic_time``,
+    ``hardware`` (``{"chip", "gpu_memory_gb"}``), ``gpu_driver``, ``os_version``,
+    ``kernel_version``, ``mlx_versions`` (``{package: version}``), ``repro_steps``,
+    ``breadcrumbs`` and ``advisories``; all of them are rendered. Keyword arguments win over
+    the mapping's keys."""
     rec = _record(forensics)
+    legacy = _legacy(forensics)
+    if legacy and not rec.error_class and rec.excerpt:
+        rec = _classified(rec)
+    if reproducer is None and "repro_steps" in legacy:
+        reproducer = _steps(legacy["repro_steps"])
+    if breadcrumb_tail is None and "breadcrumbs" in legacy:
+        breadcrumb_tail = _steps(legacy["breadcrumbs"])
+    if advisories is None and isinstance(legacy.get("advisories"), list | tuple):
+        advisories = [a for a in legacy["advisories"] if isinstance(a, Mapping)]
     text = rec.excerpt or rec.explanation or "(panic text unavailable)"
     m = _LINE_RE.search(text)
     what = f"{m.group(1).strip()} @{m.group(2)}" if m else (rec.signature or "kernel panic")
     when = datetime.fromtimestamp(rec.timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") \
-        if rec.timestamp else "unknown time"
+        if rec.timestamp else str(legacy.get("panic_time") or "unknown time")
     sysinfo = dict(system or {})
     gpu_info = sysinfo.get("gpu")
     gpu: Mapping[str, Any] = gpu_info if isinstance(gpu_info, Mapping) else {}
     os_build = _OS_BUILD_RE.search(text)
     kernel = _KERNEL_RE.search(text)
+    mlx_versions = legacy.get("mlx_versions")
     facts = [
-        ("macOS", rec.extra.get("os_version") or (os_build.group(1) if os_build else None)),
-        ("Kernel", kernel.group(1).strip() if kernel else None),
+        ("macOS", rec.extra.get("os_version") or legacy.get("os_version")
+         or (os_build.group(1) if os_build else None)),
+        ("Kernel", kernel.group(1).strip() if kernel else legacy.get("kernel_version")),
         ("Hardware model", rec.extra.get("product") or rec.extra.get("model_code")),
+        ("Hardware", _hardware(legacy.get("hardware"))),
         ("GPU", " ".join(str(v) for v in (gpu.get("device_name"), gpu.get("family")) if v) or None),
-        ("IOGPUFamily", rec.extra.get("iogpu_family_version")),
+        ("IOGPUFamily", rec.extra.get("iogpu_family_version") or legacy.get("gpu_driver")),
         ("MLX", sysinfo.get("mlx_version")),
         ("Panicked process", f"{rec.process} (pid {rec.pid})" if rec.process else None),
     ]
+    if isinstance(mlx_versions, Mapping):
+        facts += [(str(pkg), ver) for pkg, ver in sorted(mlx_versions.items(), key=lambda kv: str(kv[0]))]
     lines = [
         f"# Kernel panic in IOGPUFamily: {what}", "",
         "**Area:** macOS → Graphics & Metal (GPU driver)  ",
@@ -115,7 +190,7 @@ def format_panic_for_apple_feedback(
         "## Panic string", "", _fence(_redact(text, redact_home)), "",
         "## System", "",
     ]
-    lines += [f"- **{k}:** {v}" for k, v in facts if v] or ["- (not collected)"]
+    lines += [f"- **{k}:** {_redact(str(v), redact_home)}" for k, v in facts if v] or ["- (not collected)"]
     lines += ["", "## Steps to reproduce", ""]
     if reproducer is None:
         lines += ["1. Run an MLX (Metal) inference workload — e.g. load a model, generate, unload, "
@@ -130,14 +205,14 @@ def format_panic_for_apple_feedback(
               "## What metal-guard observed", "",
               f"- Classifier: `{rec.error_class or 'unclassified'}` (signature "
               f"`{rec.signature or 'none'}`)",
-              f"- Explanation: {rec.explanation or 'n/a'}",
-              f"- Report: `{_redact(rec.path, redact_home)}` (time from {rec.timestamp_source})"]
+              f"- Explanation: {rec.explanation or 'n/a'}"]
+    if rec.path:
+        lines.append(f"- Report: `{_redact(rec.path, redact_home)}` (time from {rec.timestamp_source})")
     gate = sysinfo.get("gate") if isinstance(sysinfo.get("gate"), Mapping) else None
     if gate:
         lines.append(f"- GPU kernel panics in 24 h / 72 h: {gate.get('recent_panics_24h')} / "
                      f"{gate.get('recent_panics_72h')}")
-    for adv in advisories or []:
-        lines.append(f"- Advisory: {adv.get('title') or adv.get('id')} ({adv.get('issue', '')})")
+    lines += [_advisory_line(adv) for adv in advisories or []]
     if include_breadcrumb and breadcrumb_tail:
         tail = list(breadcrumb_tail)[-max(0, int(max_breadcrumb_lines)):]
         if tail:

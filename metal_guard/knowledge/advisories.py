@@ -42,6 +42,7 @@ __all__ = [
     "installed_versions",
     "log_version_advisories",
     "normalize_package_name",
+    "with_legacy_keys",
 ]
 
 DATA_FILE = "advisories.json"
@@ -231,7 +232,7 @@ def check_version_blocked(package: str, version: str | None = None, *,
         version = _versions(packages, [norm]).get(norm)
     for entry in _load()["blocklists"].get(norm, ()):
         if _matches(entry["versions"], version, what=norm):
-            out: dict[str, Any] = thaw(entry)
+            out: dict[str, Any] = with_legacy_keys(thaw(entry))
             out.update(package=norm, version=version)
             return out
     return None
@@ -245,6 +246,24 @@ def check_mlx_version_blocked(version: str | None = None) -> dict[str, Any] | No
 def check_mlx_lm_version_blocked(version: str | None = None) -> dict[str, Any] | None:
     """:func:`check_version_blocked` for ``mlx-lm``."""
     return check_version_blocked("mlx-lm", version)
+
+
+#: The seed spelled advisory fields differently: ``workaround`` for ``mitigation`` and
+#: ``reason`` for ``symptom``. Both spellings are offered on every entry we hand out.
+LEGACY_FIELD_ALIASES: tuple[tuple[str, str], ...] = (("mitigation", "workaround"), ("symptom", "reason"))
+
+
+def with_legacy_keys(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``entry`` readable under both spellings (``workaround``/``mitigation``,
+    ``reason``/``symptom``) and with ``first_observed`` present (``None`` when unknown)."""
+    out = dict(entry)
+    for ours, seed in LEGACY_FIELD_ALIASES:
+        if ours in out and seed not in out:
+            out[seed] = out[ours]
+        elif seed in out and ours not in out:
+            out[ours] = out[seed]
+    out.setdefault("first_observed", None)
+    return out
 
 
 def advisory_for_patch(patch: str) -> Mapping[str, Any] | None:

@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Any
 
 from metal_guard.knowledge._frozen import LazyMapping, freeze, thaw
+from metal_guard.knowledge.advisories import with_legacy_keys as _seed_keys
 from metal_guard.knowledge.validate import TIER_ORDER, load_schema, schema_errors
 
 log = logging.getLogger("metal_guard.knowledge.registry")
@@ -105,7 +106,7 @@ def _read() -> _Data:
     rank = {k: TIER_ORDER.index(e["tier"]) for k, e in doc["models"].items()}
     return _Data(
         models=freeze(doc["models"]),
-        workloads=freeze(doc.get("workloads", {})),
+        workloads=freeze({k: _seed_keys(v) for k, v in doc.get("workloads", {}).items()}),
         by_id=MappingProxyType(by_id),
         # most severe tier first, then alphabetical: a bare name that is ambiguous resolves
         # deterministically to the entry that matters most
