@@ -355,8 +355,8 @@ def _take_ack(s: Settings, ack: Path, now: float) -> dict[str, Any] | None:
         return {"acked_at": _iso(acked_at), "taken": False, "why": "older than 24 h"}
     from metal_guard.forensics import gate
 
-    current = (gate.read_panic_ack(settings=s) or {}).get("acked_at_ts")
-    if _number(current) is not None and current >= acked_at:
+    current = _number((gate.read_panic_ack(settings=s) or {}).get("acked_at_ts"))
+    if current is not None and current >= acked_at:
         return {"acked_at": _iso(acked_at), "taken": False, "why": "a newer ack exists"}
     gate.ack_panic_lockout(now=acked_at, settings=s,
                            note=f"carried over from metal-guard 0.11 ({ack})")
