@@ -100,7 +100,7 @@ def test_reference_sentinel_blocks_the_gate_and_the_cli(legacy: Path) -> None:
     assert verdict.cooldown_until == pytest.approx(int(until), abs=1.5)  # seconds precision in 0.11
     summary = json.loads(marker().read_text())
     assert summary["sentinel"]["taken"] is True
-    assert [b for b in tail(50) if b.tag == "LEGACY_IMPORT"][0].meta["sentinel_until"]
+    assert next(b for b in tail(50) if b.tag == "LEGACY_IMPORT").meta["sentinel_until"]
     assert snapshot(legacy) == before  # read only: nothing written, moved or touched
 
 
