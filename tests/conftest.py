@@ -71,6 +71,15 @@ def module_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     mp.undo()
 
 
+@pytest.fixture(scope="session")
+def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A fresh venv with the wheel built from the working tree (see tests/test_autoload.py);
+    built once per session and shared by the modules that test the installed package."""
+    from test_autoload import build_wheel_venv
+
+    return build_wheel_venv(tmp_path_factory)
+
+
 @pytest.fixture
 def metalguard_home(_isolated_home: Path) -> Path:
     """The per-test ``METALGUARD_HOME`` (exists, empty at the start of the test)."""

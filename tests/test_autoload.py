@@ -62,7 +62,12 @@ class Venv:
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
+def venv(wheel_venv: Venv) -> Venv:
+    """The session's wheel venv (``wheel_venv`` in conftest.py, built by the function below)."""
+    return wheel_venv
+
+
+def build_wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     base = tmp_path_factory.mktemp("autoload-wheel")
     build = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-w", str(base / "dist"), "-q"]
     try:

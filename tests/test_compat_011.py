@@ -109,14 +109,6 @@ def test_built_wheel_ships_the_module_cli(tmp_path: Path, wheel_venv: object) ->
             (state, module.stderr, console.stderr)
 
 
-@pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """The wheel venv of test_autoload (built from the working tree; one per module)."""
-    import test_autoload
-
-    return test_autoload.venv.__wrapped__(tmp_path_factory)  # type: ignore[attr-defined]
-
-
 # --------------------------------------------------------------------------- R8 feedback
 
 
