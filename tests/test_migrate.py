@@ -231,21 +231,27 @@ def test_a_panic_both_versions_saw_counts_once(legacy: Path, rdir: Path) -> None
     assert json.loads(marker().read_text())["panics"] == {"taken": 0, "already_known": 1}
 
 
-def test_guarded_load_is_refused_by_reference_state(legacy: Path, tiny_model_path: Path) -> None:
+@pytest.mark.parametrize("state", ["sentinel", "breaker", "cadence"])
+def test_guarded_load_is_refused_by_reference_state(legacy: Path, tiny_model_path: Path, state: str) -> None:
     mlx_lm = pytest.importorskip("mlx_lm")
     from metal_guard import installer
-    from metal_guard.errors import MetalGuardError
+    from metal_guard.errors import PanicCooldownActive
 
-    (legacy / "cadence.json").write_text(json.dumps({str(tiny_model_path): time.time() - 20}))
+    now = time.time()
+    if state == "sentinel":
+        write_sentinel(legacy, now + 1800)
+    elif state == "breaker":
+        write_breaker(legacy, now + 600)
+    else:
+        (legacy / "cadence.json").write_text(json.dumps({str(tiny_model_path): now - 20}))
+    expected = {"sentinel": PanicCooldownActive, "breaker": MLXCooldownActive,
+                "cadence": CadenceViolation}[state]
     installer.install(adapters=["mlx_lm"], cadence=True)
     try:
-        with pytest.raises(CadenceViolation):
+        with pytest.raises(expected) as info:
             mlx_lm.load(str(tiny_model_path))
-        write_breaker(legacy, time.time() + 600)  # after the import: not read any more
-        migrate.import_legacy_state(force=True)   # an explicit re-import does read it
-        with pytest.raises(MetalGuardError) as info:
-            mlx_lm.load(str(tiny_model_path))
-        assert isinstance(info.value, MLXCooldownActive)
+        if state == "breaker":  # PanicCooldownActive subclasses MLXCooldownActive: be exact
+            assert type(info.value) is MLXCooldownActive
     finally:
         installer.uninstall()
 
