@@ -91,9 +91,8 @@ def before_load(model_id: str, info: Any, pol: Mapping[str, Any], s: Settings) -
     if s.cadence:
         cadence = _layer("metal_guard.cadence")
         if cadence is not None:
-            _step("cadence", lambda: cadence.require_cadence_clear(
-                model_id, min_interval_sec=s.cadence_min_interval_sec,
-                cross_model_interval_sec=s.cross_model_interval_sec), mode, model_id)
+            _step("cadence", lambda: cadence.clear_for_load(
+                model_id, model_path=info.local_path, settings=s), mode, model_id)
 
 
 def _gate(gate: Any, s: Settings) -> None:

@@ -100,12 +100,18 @@ class CadenceViolation(MetalGuardError, RuntimeError):
         min_interval: float,
         delta: float,
         message: str | None = None,
+        reason: str | None = None,
+        last_pid: int | None = None,
     ) -> None:
         self.model_id = model_id
         self.last_ts = last_ts
         self.min_interval = min_interval
         self.delta = delta
         self.remaining_sec = max(0.0, min_interval - delta)
+        #: Why the interval is what it is (model size, registry entry, setting), or None.
+        self.reason = reason
+        #: The pid that recorded the earlier load, when known.
+        self.last_pid = last_pid
         super().__init__(
             message
             or (
@@ -126,6 +132,9 @@ class CrossModelCadenceViolation(CadenceViolation):
         last_ts: float,
         cross_model_interval: float,
         delta: float,
+        message: str | None = None,
+        reason: str | None = None,
+        last_pid: int | None = None,
     ) -> None:
         self.last_model = last_model
         self.cross_model_interval = cross_model_interval
@@ -135,11 +144,13 @@ class CrossModelCadenceViolation(CadenceViolation):
             last_ts=last_ts,
             min_interval=cross_model_interval,
             delta=delta,
-            message=(
+            message=message or (
                 f"cross-model cadence: {last_model!r} was loaded {delta:.1f}s ago; loading "
                 f"{model_id!r} needs {cross_model_interval:.0f}s between models, retry in "
                 f"{remaining:.1f}s"
             ),
+            reason=reason,
+            last_pid=last_pid,
         )
 
 
