@@ -115,7 +115,13 @@ def load_lock(model_id: str, s: Settings) -> Iterator[None]:
     if lock is None:
         yield
         return
-    with lock.mlx_exclusive_lock(f"load {model_id}"[:200]):
+    rank = None
+    dist = _layer("metal_guard.distributed")
+    if dist is not None:
+        rank = dist.current(s)
+    label = f"load {model_id}" + (f" (rank {rank.rank})" if rank is not None else "")
+    # the ranks of one job share one hold: per job, not per rank (they may wait for each other)
+    with lock.mlx_exclusive_lock(label[:200], job=rank.job if rank is not None else None):
         yield
 
 
