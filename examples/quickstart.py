@@ -32,7 +32,9 @@ def main() -> int:
     try:
         model, tokenizer = mlx_lm.load(model_path)
     except metal_guard.CadenceViolation as exc:
-        # Loading the same model again within 180 s is refused (a known kernel-panic trigger).
+        # Reloading a large model too soon is refused (a known kernel-panic trigger); the
+        # interval scales with the model's size, so a small model never waits. The message says
+        # when to retry and how to relax it.
         print(f"metal-guard refused the load: {exc}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: try again later
     except metal_guard.MetalGuardError as exc:  # cooldown after a panic, does not fit, ...

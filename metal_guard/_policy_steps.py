@@ -94,9 +94,8 @@ def before_load(model_id: str, info: Any, pol: Mapping[str, Any], s: Settings) -
     if s.cadence:
         cadence = _layer("metal_guard.cadence")
         if cadence is not None:
-            _step("cadence", lambda: cadence.require_cadence_clear(
-                model_id, min_interval_sec=s.cadence_min_interval_sec,
-                cross_model_interval_sec=s.cross_model_interval_sec), mode, model_id)
+            _step("cadence", lambda: cadence.clear_for_load(
+                model_id, model_path=info.local_path, settings=s), mode, model_id)
 
 
 def _gate(gate: Any, s: Settings) -> None:
@@ -119,7 +118,13 @@ def load_lock(model_id: str, s: Settings) -> Iterator[None]:
     if lock is None:
         yield
         return
-    with lock.mlx_exclusive_lock(f"load {model_id}"[:200]):
+    rank = None
+    dist = _layer("metal_guard.distributed")
+    if dist is not None:
+        rank = dist.current(s)
+    label = f"load {model_id}" + (f" (rank {rank.rank})" if rank is not None else "")
+    # the ranks of one job share one hold: per job, not per rank (they may wait for each other)
+    with lock.mlx_exclusive_lock(label[:200], job=rank.job if rank is not None else None):
         yield
 
 

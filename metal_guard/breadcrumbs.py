@@ -142,7 +142,15 @@ def breadcrumb_with_meta(
     """Write ``[ts] TAG: payload | k=v k=v`` (keys sorted; ``|`` in values becomes ``/``).
 
     ``durable`` and ``log_path`` are the only reserved names; every other keyword is metadata.
+    A rank of a distributed job adds ``rank`` and ``world_size`` (unless given).
     """
+    try:
+        from metal_guard.distributed import rank_fields
+
+        for key, value in rank_fields().items():
+            meta.setdefault(key, value)
+    except Exception:  # never let rank detection break a breadcrumb
+        pass
     return _write(format_line(tag, payload, **meta), durable=durable, log_path=log_path)
 
 

@@ -101,12 +101,18 @@ class CadenceViolation(MetalGuardError, RuntimeError):
         min_interval: float,
         delta: float,
         message: str | None = None,
+        reason: str | None = None,
+        last_pid: int | None = None,
     ) -> None:
         self.model_id = model_id
         self.last_ts = last_ts
         self.min_interval = min_interval
         self.delta = delta
         self.remaining_sec = max(0.0, min_interval - delta)
+        #: Why the interval is what it is (model size, registry entry, setting), or None.
+        self.reason = reason
+        #: The pid that recorded the earlier load, when known.
+        self.last_pid = last_pid
         super().__init__(
             message
             or (
@@ -130,8 +136,10 @@ class CrossModelCadenceViolation(CadenceViolation):
         last_model: str,
         last_ts: float,
         cross_model_interval: float,
-        *,
         delta: float | None = None,
+        message: str | None = None,
+        reason: str | None = None,
+        last_pid: int | None = None,
     ) -> None:
         if delta is None:
             delta = max(0.0, time.time() - float(last_ts))
@@ -143,11 +151,13 @@ class CrossModelCadenceViolation(CadenceViolation):
             last_ts=last_ts,
             min_interval=cross_model_interval,
             delta=delta,
-            message=(
+            message=message or (
                 f"cross-model cadence: {last_model!r} was loaded {delta:.1f}s ago; loading "
                 f"{model_id!r} needs {cross_model_interval:.0f}s between models, retry in "
                 f"{remaining:.1f}s"
             ),
+            reason=reason,
+            last_pid=last_pid,
         )
 
 

@@ -112,6 +112,12 @@ def publish_memory(
         "published_at": _iso(ts), "label": label, "memory": memory,
         "argv0": os.path.basename((sys.argv or [""])[0])[:100],
     }
+    try:  # a rank of a distributed job says which (rank, world_size)
+        from metal_guard.distributed import rank_fields
+
+        record.update(rank_fields())
+    except Exception:
+        pass
     if device:
         record["device"] = to_jsonable(dict(device))
     if extra:

@@ -148,7 +148,8 @@ def _validate_timeout(timeout: float | None) -> float | None:
     return float(timeout)
 
 
-def acquire_mlx_lock(label: str, *, force: bool = False, timeout: float | None = 0) -> dict[str, Any]:
+def acquire_mlx_lock(label: str, *, force: bool = False, timeout: float | None = 0,
+                     job: str | None = None) -> dict[str, Any]:
     """Take the cross-process MLX lock; return the holder record (``acquired=True``).
 
     ``timeout=0`` tries once (a busy lock whose holder is not yet verifiable is retried for
@@ -162,6 +163,11 @@ def acquire_mlx_lock(label: str, *, force: bool = False, timeout: float | None =
     Raises :class:`MLXLockConflict` when the lock stays held elsewhere, except in observer mode
     (``METALGUARD_MODE=observer``), where the conflict is logged and a record with
     ``acquired=False`` is returned.
+
+    ``job`` (the ranks of one distributed job pass their job key) makes the lock per job: it is
+    written to the sidecar, and a rank that finds the lock held by a *verified* holder of the
+    same job proceeds under that hold (``acquired=False, job_shared=True``) instead of waiting
+    for its own rank — which would deadlock a job whose ranks wait for each other.
     """
     if not isinstance(label, str):
         raise TypeError(f"label must be a string, not {type(label).__name__}")
@@ -188,7 +194,16 @@ def acquire_mlx_lock(label: str, *, force: bool = False, timeout: float | None =
                 return _conflict(settings, path, label, describe_holder(path), force=force)
             _COND.wait(timeout=remaining)
     try:
-        kernel_lock, holder = _take_kernel_lock(settings, path, label, force=force, deadline=deadline)
+        kernel_lock, holder = _take_kernel_lock(settings, path, label, force=force,
+                                                deadline=deadline, job=job)
+    except _JobShared as shared:
+        with _COND:
+            _ACQUIRING.discard(key)
+            _COND.notify_all()
+        log.debug("MLX lock held by pid %s of the same job %s; proceeding under it",
+                  shared.holder.get("pid"), job)
+        return {"acquired": False, "job_shared": True, "job": job, "label": label,
+                "lock_path": str(path), "holder": shared.holder}
     except MLXLockConflict as exc:
         with _COND:
             _ACQUIRING.discard(key)
@@ -238,8 +253,25 @@ def _conflict_error(holder: dict[str, Any]) -> MLXLockConflict:
     return MLXLockConflict(holder)
 
 
+class _JobShared(Exception):
+    """The lock is held by a verified rank of our own job."""
+
+    def __init__(self, holder: dict[str, Any]) -> None:
+        super().__init__("held by the same job")
+        self.holder = holder
+
+
+def _same_job_holder(path: Path, job: str) -> dict[str, Any] | None:
+    claim = read_sidecar(path)
+    if not claim or claim.get("job") != job:
+        return None
+    holder = describe_holder(path)
+    return holder if holder.get("verified") and holder.get("job") == job else None
+
+
 def _take_kernel_lock(
-    settings: Settings, path: Path, label: str, *, force: bool, deadline: float | None
+    settings: Settings, path: Path, label: str, *, force: bool, deadline: float | None,
+    job: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     import filelock
 
@@ -252,6 +284,10 @@ def _take_kernel_lock(
     while True:
         if _try(lock):
             break
+        if job is not None:
+            shared = _same_job_holder(path, job)
+            if shared is not None:
+                raise _JobShared(shared)
         now = time.monotonic()
         expired = deadline is not None and now >= deadline
         if not (force or expired):
@@ -277,6 +313,8 @@ def _take_kernel_lock(
             step = min(step, max(deadline - now, 0.0) or ACQUIRE_POLL_SEC)
         time.sleep(step)
     holder = new_holder(label, path)
+    if job is not None:
+        holder["job"] = job
     if reclaimed_from is not None:
         holder["reclaimed_from"] = {k: reclaimed_from.get(k) for k in ("pid", "label", "started_at")}
     try:
@@ -358,14 +396,15 @@ def release_mlx_lock(*, lock_path: Path | None = None) -> bool:
 
 @contextlib.contextmanager
 def mlx_exclusive_lock(
-    label: str, *, force: bool = False, timeout: float | None = 0
+    label: str, *, force: bool = False, timeout: float | None = 0, job: str | None = None
 ) -> Iterator[dict[str, Any]]:
     """Hold the L8 lock for the duration of the block (re-entrant within the process).
 
     In observer mode a conflict does not raise: the block runs and the yielded record has
-    ``acquired=False``.
+    ``acquired=False``. With ``job``, a rank of the job holding the lock runs under that hold
+    (``job_shared=True``).
     """
-    info = acquire_mlx_lock(label, force=force, timeout=timeout)
+    info = acquire_mlx_lock(label, force=force, timeout=timeout, job=job)
     try:
         yield info
     finally:

@@ -3,10 +3,9 @@
 * :class:`MemoryStats` — MLX allocator counters **and** the process footprint (macOS
   ``ri_phys_footprint``, which includes Metal buffers MLX does not count) **and** system memory.
   A number that cannot be read is ``None``, never a zero that looks like a reading.
-* Fit checks size a model from, in order of preference: a measured peak in the ledger
-  (:mod:`metal_guard.ledger`), the caller's figure, the safetensors of a local directory or
-  Hugging Face cache snapshot, and the model name (:mod:`metal_guard.modelsize`). A check whose
-  size or limit is unknown says ``unknown`` — never ``fits``.
+* Fit checks (:mod:`metal_guard.fit`, re-exported here) decide from what MLX can get, at a
+  level (strict / balanced / relaxed / off); a check whose size or limit is unknown says
+  ``unknown`` — never ``fits``.
 
 The ledger and size-estimate names are re-exported here so ``metal_guard.memory.record_peak``
 and friends keep working.
@@ -15,8 +14,6 @@ and friends keep working.
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -24,8 +21,7 @@ from typing import Any
 
 from metal_guard import backend
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
-from metal_guard.errors import ModelDoesNotFitError
-from metal_guard.hardware import process_footprint, recommended_config
+from metal_guard.hardware import process_footprint
 from metal_guard.hardware import process_footprint_bytes as process_footprint_bytes
 from metal_guard.hardware import system_memory as system_memory
 from metal_guard.ledger import LEDGER_FILE as LEDGER_FILE
@@ -87,7 +83,8 @@ class MemoryStats:
 
     ``limit_bytes`` is the budget MLX work has: the GPU's recommended working set on Metal,
     total device memory on CUDA, MLX's memory limit on the CPU build (``limit_source`` says
-    which). ``footprint_bytes`` is the process footprint (``footprint_source``:
+    which); ``mlx_limit_bytes`` is ``mx.get_memory_limit()`` (on Metal MLX allocates past the
+    working set up to it). ``footprint_bytes`` is the process footprint (``footprint_source``:
     ``ri_phys_footprint`` on macOS, ``psutil_rss`` elsewhere).
     """
 
@@ -96,6 +93,7 @@ class MemoryStats:
     limit_bytes: int | None = None
     cache_bytes: int | None = None
     limit_source: str = "unknown"
+    mlx_limit_bytes: int | None = None
     footprint_bytes: int | None = None
     footprint_source: str = "unknown"
     system_total_bytes: int | None = None
@@ -189,6 +187,7 @@ def memory_stats(*, load: bool = True) -> MemoryStats:
         limit_bytes=limit,
         cache_bytes=counters.cache_bytes if counters else None,
         limit_source=limit_source,
+        mlx_limit_bytes=counters.limit_bytes if counters and counters.limit_bytes > 0 else None,
         footprint_bytes=fp.footprint_bytes if fp else None,
         footprint_source=fp.source if fp else "unknown",
         system_total_bytes=sysmem.total_bytes,
@@ -245,149 +244,13 @@ def ensure_headroom(model_name: str = "", threshold_pct: float = 67.0, *,
 
 
 # --------------------------------------------------------------------------- fit checks
+# The fit checks live in metal_guard.fit (levels, the rule, refusals); re-exported here.
 
-FITS, DOES_NOT_FIT, UNKNOWN = "fits", "does_not_fit", "unknown"
-#: A measured peak already includes runtime allocations; only this margin is added to it.
-LEDGER_MARGIN = 0.10
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """The answer of a fit check. ``bool(result)`` is True only for a known fit."""
-
-    model: str
-    verdict: str  # "fits" | "does_not_fit" | "unknown"
-    required_bytes: int | None
-    available_bytes: int | None
-    size_bytes: int | None
-    overhead_bytes: int
-    size_source: str  # "ledger" | "caller" | "safetensors" | "hf_cache" | "name" | "unknown"
-    limit_source: str
-    quantization: str | None = None
-    reason: str = ""
-
-    @property
-    def fits(self) -> bool | None:
-        return None if self.verdict == UNKNOWN else self.verdict == FITS
-
-    def __bool__(self) -> bool:
-        return self.verdict == FITS
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _overhead_gb(overhead_gb: float | None) -> float:
-    if overhead_gb is not None:
-        return float(overhead_gb)
-    return float(recommended_config().get("overhead_gb", 2.0))
-
-
-def check_fit(model_size_gb: float | None = None, overhead_gb: float | None = None, *,
-              model_name: str | os.PathLike[str] = "", context_tokens: int | None = None,
-              stats: MemoryStats | None = None, use_ledger: bool = True) -> FitResult:
-    """Would the model fit now? See :class:`FitResult`. ``overhead_gb`` defaults to the
-    hardware tier's ``overhead_gb`` (``recommended_config()``)."""
-    name = os.fspath(model_name) if model_name else ""
-    overhead = int(_overhead_gb(overhead_gb) * GB)
-    estimate = estimate_model_size(name) if name else None
-    quant = estimate.quantization if estimate else None
-    size, source, required = None, "unknown", None
-    entry = lookup_peak(name, quantization=quant, context_tokens=context_tokens) \
-        if (name and use_ledger) else None
-    if entry is not None:
-        size, source = int(entry["required_bytes"]), "ledger"
-        overhead = int(size * LEDGER_MARGIN)
-    elif model_size_gb is not None:
-        if model_size_gb < 0:
-            raise ValueError(f"model_size_gb must be >= 0, got {model_size_gb!r}")
-        size, source = int(model_size_gb * GB), "caller"
-    elif estimate is not None and estimate.size_bytes is not None:
-        size, source = estimate.size_bytes, estimate.source
-    stats = stats or memory_stats()
-    available = stats.available_bytes
-    if size is not None:
-        required = size + overhead
-    if required is None:
-        verdict, reason = UNKNOWN, "model size unknown (no ledger entry, local weights or size in the name)"
-    elif available is None:
-        verdict, reason = UNKNOWN, "memory limit unknown (MLX unavailable or device info unreadable)"
-    elif required <= available:
-        verdict, reason = FITS, ""
-    else:
-        verdict = DOES_NOT_FIT
-        reason = f"needs {required / GB:.2f}GB, {available / GB:.2f}GB available"
-    return FitResult(name, verdict, required, available, size, overhead, source,
-                     stats.limit_source, quant, reason)
-
-
-def can_fit(model_size_gb: float | None = None, overhead_gb: float | None = None, *,
-            model_name: str | os.PathLike[str] = "", context_tokens: int | None = None) -> bool:
-    """True only when the model is known to fit; an unknown size or limit gives ``False``
-    (use :func:`check_fit` to tell "no" from "unknown")."""
-    return check_fit(model_size_gb, overhead_gb, model_name=model_name,
-                     context_tokens=context_tokens).verdict == FITS
-
-
-def require_fit(
-    model_size_gb: float | None = None, model_name: str | os.PathLike[str] = "",
-    overhead_gb: float | None = None, *, cache_clear_cb: Callable[[], Any] | None = None,
-    escalated_cooldown_sec: float = 0.0, context_tokens: int | None = None,
-    on_unknown: str | None = None, cleanup: Callable[[], Any] | None = None,
-    settings: Settings | None = None, sleep: Callable[[float], Any] = time.sleep,
-) -> FitResult:
-    """Refuse a load that will not fit.
-
-    Defensive mode: if it does not fit, run ``cleanup`` (``safe_cleanup``) and check again; with
-    ``escalated_cooldown_sec > 0`` also call ``cache_clear_cb`` (errors logged), clean up, reset
-    the MLX peak, wait, and check once more; then raise :class:`ModelDoesNotFitError` (a
-    ``MemoryError``). An ``unknown`` verdict is refused too unless ``on_unknown="allow"``.
-    Observer mode records the verdict and returns it without cleaning up or raising.
-    """
-    settings = settings or get_settings()
-    name = os.fspath(model_name) if model_name else ""
-    result = check_fit(model_size_gb, overhead_gb, model_name=name, context_tokens=context_tokens)
-    if result.verdict == FITS:
-        return result
-    if not settings.is_defensive:
-        _crumb("OBSERVE", f"require_fit would refuse: {result.reason}", model=name or "-",
-               verdict=result.verdict)
-        log.warning("observer mode: %s %s (%s); letting the load through",
-                    name or "model", result.verdict, result.reason)
-        return result
-    if result.verdict == UNKNOWN:
-        policy = on_unknown or "refuse"
-        if policy not in ("refuse", "allow"):
-            raise ValueError(f"on_unknown must be 'refuse' or 'allow', got {on_unknown!r}")
-        if policy == "allow":
-            log.warning("fit of %s unknown (%s); allowed by on_unknown='allow'", name or "model", result.reason)
-            _crumb("FIT_UNKNOWN", result.reason, model=name or "-", action="allow")
-            return result
-        _crumb("FIT_REFUSED", result.reason, model=name or "-", verdict=UNKNOWN)
-        raise ModelDoesNotFitError(
-            f"cannot verify that {name or 'the model'} fits: {result.reason}. Pass on_unknown='allow' "
-            "(or use observer mode) to load anyway.", model_name=name,
-            required_bytes=result.required_bytes, available_bytes=result.available_bytes)
-    log.warning("%s does not fit (%s); cleaning up and re-checking", name or "model", result.reason)
-    if cleanup is not None:
-        cleanup()
-    result = check_fit(model_size_gb, overhead_gb, model_name=name, context_tokens=context_tokens)
-    if result.verdict != FITS and escalated_cooldown_sec > 0:
-        if cache_clear_cb is not None:
-            try:
-                cache_clear_cb()
-            except Exception as exc:
-                log.warning("cache_clear_cb failed: %s", exc)
-        if cleanup is not None:
-            cleanup()
-        backend.reset_peak_memory(load=False)
-        sleep(escalated_cooldown_sec)
-        result = check_fit(model_size_gb, overhead_gb, model_name=name, context_tokens=context_tokens)
-    if result.verdict == FITS:
-        return result
-    _crumb("FIT_REFUSED", result.reason, model=name or "-", verdict=result.verdict,
-           required=result.required_bytes, available=result.available_bytes)
-    raise ModelDoesNotFitError(
-        f"{name or 'model'} does not fit: {result.reason} (size from {result.size_source}, "
-        f"limit from {result.limit_source})", model_name=name,
-        required_bytes=result.required_bytes, available_bytes=result.available_bytes)
+from metal_guard.fit import DOES_NOT_FIT as DOES_NOT_FIT  # noqa: E402
+from metal_guard.fit import FITS as FITS  # noqa: E402
+from metal_guard.fit import LEDGER_MARGIN as LEDGER_MARGIN  # noqa: E402
+from metal_guard.fit import UNKNOWN as UNKNOWN  # noqa: E402
+from metal_guard.fit import FitResult as FitResult  # noqa: E402
+from metal_guard.fit import can_fit as can_fit  # noqa: E402
+from metal_guard.fit import check_fit as check_fit  # noqa: E402
+from metal_guard.fit import require_fit as require_fit  # noqa: E402

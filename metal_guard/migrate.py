@@ -274,10 +274,12 @@ def _take_cadence(s: Settings, legacy: Path, now: float) -> dict[str, Any] | Non
     if newest:
         from metal_guard import cadence, storage
 
-        def apply(state: dict[str, float]) -> None:
+        def apply(state: dict[str, Any]) -> None:
             for model, ts in newest.items():
-                if state.get(model, -math.inf) < ts:
-                    state[model] = ts
+                current = cadence.record_of(state.get(model))
+                if current is None or current["ts"] < ts:
+                    state[model] = {"ts": ts, "cmd": "metal-guard 0.11",
+                                    "interval_source": "imported from metal-guard 0.11"}
 
         storage.update_json(s.state_file(cadence.CADENCE_FILE), apply, dict, expect=dict,
                             validate=getattr(cadence, "_valid_state", None))

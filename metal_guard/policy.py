@@ -63,7 +63,7 @@ _OVERRIDES = OVERRIDES
 SETTINGS_KEYS = frozenset({
     "mode", "cadence", "fit_check", "use_lock", "flush_every_n", "allow_panic_models",
     "cadence_min_interval_sec", "cross_model_interval_sec", "panic_gate_disabled",
-    "gemma4_firstgen_disabled", "gemma4_firstgen_sleep_sec",
+    "gemma4_firstgen_disabled", "gemma4_firstgen_sleep_sec", "fit_level",
 })
 #: Policy-only keys: ``model_id`` names the model when the call cannot tell; ``gate`` /
 #: ``breaker`` / ``registry`` / ``prefill_guard`` switch single load/generate checks off;

@@ -119,6 +119,25 @@ def parse_process_mode(name: str, raw: str) -> str | None:
     return value
 
 
+FIT_LEVELS = ("strict", "balanced", "relaxed", "off")
+
+
+def parse_fit_level(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in FIT_LEVELS:
+        raise SettingsError(name, raw, "one of " + "/".join(FIT_LEVELS))
+    return value
+
+
+def parse_job_id(name: str, raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if len(value) > 100 or not all(ch.isprintable() and ch not in "|" for ch in value):
+        raise SettingsError(name, raw, "up to 100 printable characters without '|'")
+    return value
+
+
 # --------------------------------------------------------------------------- the table
 
 @dataclass(frozen=True)
@@ -165,8 +184,10 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("MLX_RECLAIM_COOLDOWN_SEC", "reclaim_cooldown_sec", _f(), 8.0,
          "L8 force=True: sleep after reclaiming from a live holder."),
     # L9 cadence
-    _Var("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "cadence_min_interval_sec", _f(), 180.0,
-         "L9 minimum seconds between two loads of the same model."),
+    _Var("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "cadence_min_interval_sec", _f(), None,
+         "L9 seconds between two loads of the same model. Unset: scaled to the risk (model size vs. the GPU working set, registry floors; see state.md). Set: exactly this, both ways (0 = off)."),
+    _Var("METALGUARD_CADENCE_INTERACTIVE_WAIT_SEC", "cadence_interactive_wait_sec", _f(), 30.0,
+         "L9 in a terminal or notebook, a cadence wait up to this long is a visible countdown instead of an error (0 = always raise)."),
     _Var("METALGUARD_CROSS_MODEL_INTERVAL", "cross_model_interval_sec", _f(), 0.0,
          "L9 minimum seconds between loads of different models (0 = off; gemma-4 keeps its 90 s floor)."),
     _Var("METALGUARD_GEMMA4_FIRSTGEN_DISABLED", "gemma4_firstgen_disabled", parse_bool, False,
@@ -237,6 +258,10 @@ VARIABLES: tuple[_Var, ...] = (
          "Adapters: flush the MLX cache every N guarded generate calls (0 = off)."),
     _Var("METALGUARD_FIT_CHECK", "fit_check", parse_bool, True,
          "Adapters: check that a model fits before loading it."),
+    _Var("METALGUARD_FIT_LEVEL", "fit_level", parse_fit_level, "balanced",
+         "L4 how strict the load-time fit check is: strict / balanced / relaxed / off (see memory.md)."),
+    _Var("METALGUARD_JOB_ID", "job_id", parse_job_id, None,
+         "Distributed: the job key shared by the ranks of one job (default: derived from the launcher's topology); set it for multi-host jobs sharing METALGUARD_HOME."),
     _Var("METALGUARD_USE_LOCK", "use_lock", parse_bool, False,
          "Adapters: hold the L8 cross-process lock around model loads."),
     _Var("METALGUARD_CADENCE", "cadence", parse_bool, True,
@@ -270,7 +295,8 @@ class Settings:
     lock_path: Path | None = None
     force_wait_sec: float = 30.0
     reclaim_cooldown_sec: float = 8.0
-    cadence_min_interval_sec: float = 180.0
+    cadence_min_interval_sec: float | None = None
+    cadence_interactive_wait_sec: float = 30.0
     cross_model_interval_sec: float = 0.0
     gemma4_firstgen_disabled: bool = False
     gemma4_firstgen_sleep_sec: float = 3.0
@@ -302,6 +328,8 @@ class Settings:
     rebind_aliases: bool = False
     flush_every_n: int = 50
     fit_check: bool = True
+    fit_level: str = "balanced"
+    job_id: str | None = None
     use_lock: bool = False
     cadence: bool = True
     prompt_cache_max_bytes: int | None = None
@@ -393,6 +421,8 @@ def get_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         values[key] = value
     if "mode" in overrides and overrides["mode"] not in MODES:
         raise SettingsError("mode", overrides["mode"], " or ".join(MODES))
+    if "fit_level" in overrides and overrides["fit_level"] not in FIT_LEVELS:
+        raise SettingsError("fit_level", overrides["fit_level"], " or ".join(FIT_LEVELS))
     return Settings(**values, from_env=frozenset(from_env))
 
 

@@ -159,9 +159,12 @@ def _cadence(ctx: dict[str, Any]) -> dict[str, Any]:
     from metal_guard.cadence import CadenceGuard
 
     guard = CadenceGuard()
-    return {"min_interval_sec": guard.min_interval_sec,
+    records = guard.records()
+    return {"min_interval_sec": guard.min_interval_sec,  # None: risk-scaled per model
+            "interval_rule": "risk-scaled" if guard.min_interval_sec is None else "fixed",
             "cross_model_interval_sec": guard.cross_model_interval_sec,
-            "last_loads": {k: _iso(v) for k, v in guard.entries().items()}}
+            "last_loads": {k: _iso(r["ts"]) for k, r in records.items()},
+            "last_load_ranks": {k: r["ranks"] for k, r in records.items() if "ranks" in r}}
 
 
 def _resources(ctx: dict[str, Any]) -> dict[str, Any]:

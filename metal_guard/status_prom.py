@@ -109,17 +109,21 @@ def render_prometheus(snap: Mapping[str, Any]) -> str:
                 bool(memory.get("available")))
         raw_procs = memory.get("processes")
         procs = [p for p in raw_procs if isinstance(p, Mapping)] if isinstance(raw_procs, list) else []
+        def labels(p: Mapping[str, Any]) -> dict[str, Any]:
+            out = {"pid": p.get("pid"), "label": p.get("label") or ""}
+            if isinstance(p.get("rank"), int):  # a rank of a distributed job
+                out.update(rank=p["rank"], world_size=p.get("world_size", ""))
+            return out
+
         for key, help_ in (("active_bytes", "MLX active memory per guarded process."),
                            ("peak_bytes", "MLX peak memory per guarded process."),
                            ("cache_bytes", "MLX cache memory per guarded process."),
                            ("limit_bytes", "Memory budget per guarded process."),
                            ("footprint_bytes", "Process footprint per guarded process.")):
             out.metric("memory_" + key, help_,
-                       [({"pid": p.get("pid"), "label": p.get("label") or ""},
-                         _m(p.get("memory")).get(key)) for p in procs])
+                       [(labels(p), _m(p.get("memory")).get(key)) for p in procs])
         out.metric("heartbeat_age_seconds", "Age of each guarded process's memory heartbeat.",
-                   [({"pid": p.get("pid"), "label": p.get("label") or ""}, p.get("age_sec"))
-                    for p in procs])
+                   [(labels(p), p.get("age_sec")) for p in procs])
     errors = _m(snap.get("errors"))
     out.metric("collector_error", "1 for each snapshot collector that failed.",
                [({"collector": str(name)}, 1) for name in sorted(map(str, errors))])

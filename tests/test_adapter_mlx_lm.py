@@ -102,7 +102,8 @@ def test_load_records_breadcrumbs_ledger_and_heartbeat(guarded: dict[str, Any], 
 
 
 def test_cadence_refuses_a_quick_reload(tiny_model_path: Path) -> None:
-    mg.install(adapters=["mlx_lm"], cadence=True)
+    # tiny models never wait under the risk-scaled rule; an explicit interval always applies
+    mg.install(adapters=["mlx_lm"], cadence=True, cadence_min_interval_sec=180)
     try:
         mlx_lm.load(str(tiny_model_path))
         with pytest.raises(CadenceViolation):
@@ -112,7 +113,7 @@ def test_cadence_refuses_a_quick_reload(tiny_model_path: Path) -> None:
 
 
 def test_observer_mode_lets_a_cadence_violation_through(tiny_model_path: Path) -> None:
-    mg.install(adapters=["mlx_lm"], cadence=True, mode="observer")
+    mg.install(adapters=["mlx_lm"], cadence=True, mode="observer", cadence_min_interval_sec=180)
     try:
         mlx_lm.load(str(tiny_model_path))
         model, _ = mlx_lm.load(str(tiny_model_path))

@@ -215,8 +215,10 @@ def test_oom_mid_stream_ends_the_stream_with_an_error_event(
 
 
 def test_model_switch_releases_previous_model_and_enforces_cadence(
-        installed: None, start_server: Callable[..., Server], tiny_model_path: Path,
-        second_model: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, installed: None, start_server: Callable[..., Server],
+        tiny_model_path: Path, second_model: Path) -> None:
+    # tiny models never wait under the risk-scaled rule: ask for the seed's fixed 180 s
+    monkeypatch.setenv("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "180")
     srv = start_server(tiny_model_path)
     assert srv.complete()[0] == 200
     first = weakref.ref(srv.provider.model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,7 +49,9 @@ class Clock:
 
 def test_defaults_come_from_settings(monkeypatch):
     g = CadenceGuard()
-    assert g.min_interval_sec == 180.0 and g.cross_model_interval_sec == 0.0
+    # unset: risk-scaled per model (an unknown model gets the seed's 180 s)
+    assert g.min_interval_sec is None and g.cross_model_interval_sec == 0.0
+    assert g.interval_for("m").seconds == 180.0
     assert g.path == get_settings().state_file("cadence.json")
     monkeypatch.setenv("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "30")
     monkeypatch.setenv("METALGUARD_CROSS_MODEL_INTERVAL", "15")
@@ -214,13 +217,18 @@ def test_corrupt_or_foreign_state_is_quarantined(content, caplog):
     assert len([r for r in caplog.records if "quarantine" in r.getMessage() or "moved to" in r.getMessage()]) == 1
     assert list(g.path.parent.glob("cadence.json.corrupt-*"))
     g.mark_load("m")
-    assert json.loads(g.path.read_text()) == {"m": pytest.approx(time.time(), abs=60)}
+    assert json.loads(g.path.read_text())["m"]["ts"] == pytest.approx(time.time(), abs=60)
 
 
-def test_file_format_is_seed_compatible():
+def test_file_records_who_loaded_and_reads_the_seed_format():
     g = CadenceGuard()
     g.mark_load("mlx-community/x", ts=T0)
-    assert json.loads(Path(g.path).read_text()) == {"mlx-community/x": T0}
+    rec = json.loads(Path(g.path).read_text())["mlx-community/x"]
+    assert rec["ts"] == T0 and rec["pid"] == os.getpid() and rec["cmd"]
+    # the seed's {model: epoch} is still read
+    g.path.write_text(json.dumps({"mlx-community/y": T0}))
+    assert g.entries() == {"mlx-community/y": T0}
+    assert g.records() == {"mlx-community/y": {"ts": T0}}
 
 
 def test_four_processes_racing_exactly_one_wins(tmp_path):

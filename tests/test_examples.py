@@ -55,10 +55,15 @@ def test_quickstart(tiny_model_path: Path) -> None:
     # another model right away is fine (no cross-model interval by default) ...
     other = run(sys.executable, EXAMPLES / "quickstart.py", tiny_model_path)
     assert other.returncode == 0, other.stderr
-    # ... the same model again within 180 s is refused, with a clear message and EX_TEMPFAIL
-    again = run(sys.executable, EXAMPLES / "quickstart.py")
+    # ... and so is re-running it at once: a tiny model never waits (risk-scaled cadence) ...
+    rerun = run(sys.executable, EXAMPLES / "quickstart.py")
+    assert rerun.returncode == 0, rerun.stderr
+    # ... while with a fixed interval the same model again is refused, clearly, with EX_TEMPFAIL
+    fixed = {**os.environ, "METALGUARD_CADENCE_MIN_INTERVAL_SEC": "180"}
+    again = run(sys.executable, EXAMPLES / "quickstart.py", env=fixed)
     assert again.returncode == 75
     assert "metal-guard refused the load: cadence:" in again.stderr
+    assert "metal-guard cadence reset" in again.stderr
 
 
 def test_agent_loop() -> None:

@@ -192,7 +192,7 @@ def test_a_broken_policy_step_never_blocks_the_load(monkeypatch: pytest.MonkeyPa
     def broken(*a: Any, **k: Any) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(cadence, "require_cadence_clear", broken)
+    monkeypatch.setattr(cadence, "clear_for_load", broken)
     load = guarded_loader()
     with caplog.at_level(logging.WARNING, logger="metal_guard.policy"):
         load("models/tiny-f")

@@ -44,8 +44,10 @@ def doctor_section() -> dict[str, Any]:
         "breaker_recent_failures": breaker["recent_failure_count"],
         "cadence_entries": len(cadence.entries()),
         "cadence": (
-            f"{cadence.min_interval_sec:g}s between loads of one model, "
-            f"{cadence.cross_model_interval_sec:g}s between models (gemma-4 floor 90s)"
+            ("risk-scaled" if cadence.min_interval_sec is None else f"{cadence.min_interval_sec:g}s")
+            + " between loads of one model, "
+            f"{cadence.cross_model_interval_sec:g}s between models (gemma-4 floor 90s); "
+            "`metal-guard cadence` lists and resets entries"
         ),
     }
 
