@@ -18,7 +18,7 @@ from metal_guard.serve.logsink import MAX_LINE_BYTES, LogSink, Tail
     (["mlx_lm.server", "--model", "m"], ("mlx_lm.server",), "mlx_lm"),
     (["/opt/venv/bin/mlx_vlm.server", "--model", "m"], ("/opt/venv/bin/mlx_vlm.server",), "mlx_vlm"),
     (["mlx_lm", "server", "--model", "m"], ("mlx_lm", "server"), "mlx_lm"),
-    (["python", "-m", "mlx_lm.server", "--model", "m"], ("python", "-m", "mlx_lm.server"), "mlx_lm"),
+    (["python", "-m", "mlx_lm.server", "--model", "m"], ("python", "-m", "mlx_lm", "server"), "mlx_lm"),
     (["/usr/bin/python3.11", "-m", "mlx_lm", "server", "--model", "m"],
      ("/usr/bin/python3.11", "-m", "mlx_lm", "server"), "mlx_lm"),
     (["python3", "-m", "mlx_vlm.server", "--model", "m"], ("python3", "-m", "mlx_vlm.server"), "mlx_vlm"),

@@ -8,6 +8,8 @@ forms (anything else is a usage error, because we could not move its port safely
 * ``mlx_lm server ARGS`` (the ``mlx_lm`` dispatcher);
 * ``python -m mlx_lm.server ARGS``, ``python -m mlx_lm server ARGS``,
   ``python -m mlx_vlm.server ARGS`` (any ``python``/``python3``/``python3.X`` path).
+  ``python -m mlx_lm.server`` is run as ``python -m mlx_lm server``: with ``-m`` the server
+  module runs as ``__main__`` and the adapter (hooked on ``mlx_lm.server``) would never see it.
 
 Pure functions only: nothing here starts a process or reads the environment.
 """
@@ -68,6 +70,11 @@ def _split_program(argv: list[str]) -> tuple[tuple[str, ...], list[str], str]:
         return (argv[0], "server"), argv[2:], "mlx_lm"
     if _PYTHON_RE.match(name) and len(argv) > 2 and argv[1] == "-m":
         module = argv[2]
+        if module == "mlx_lm.server":
+            # ``-m mlx_lm.server`` runs the server as ``__main__``: the module ``mlx_lm.server``
+            # is never imported, so no adapter could guard it. The dispatcher form runs the
+            # same ``main()`` from the real module.
+            return (argv[0], "-m", "mlx_lm", "server"), argv[3:], "mlx_lm"
         if module in _MODULES:
             return (argv[0], "-m", module), argv[3:], _MODULES[module]
         if module == "mlx_lm" and len(argv) > 3 and argv[3] == "server":
