@@ -48,7 +48,8 @@ class Front:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:

@@ -208,7 +208,8 @@ def test_a_crash_loop_opens_the_breaker_and_the_front_exits_12(
     again = Front(tiny_model_path, tmp_path / "again.log", env)
     assert again.proc.wait(timeout=60) == EXIT_SERVE_BREAKER
     again.stop()
-    assert "started active child" not in again.output()
+    assert "circuit breaker open" in again.output()
+    assert not list((home / "state" / "serve").glob(f"*-{again.port}.log"))  # no child started
 
 
 def _wait_exec(pid: int) -> None:
