@@ -90,7 +90,7 @@ def test_front_answers_its_own_routes_and_never_imports_mlx(front: Front) -> Non
     maps = Path(f"/proc/{front.proc.pid}/maps")
     if maps.exists():
         assert "libmlx" not in maps.read_text()
-    code, headers, text = front.get("/metrics")
+    code, _, text = front.get("/metrics")
     assert code == 200 and b"metalguard_serve_child_up 1" in text
 
 

@@ -51,7 +51,7 @@ def serve(command: ServerCommand, options: ServeOptions, *, log_path: Path | Non
         sink.close()
         raise OSError(f"cannot listen on {command.host}:{command.port}: {exc}") from exc
 
-    previous: dict[int, object] = {}
+    previous: dict[signal.Signals, object] = {}
     if install_signals and threading.current_thread() is threading.main_thread():
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("metal-guard serve: %s received; stopping", signal.Signals(signum).name)

@@ -37,7 +37,8 @@ class FrontServer(ThreadingHTTPServer):
         self.supervisor = supervisor
         self.upstream_timeout = upstream_timeout
         self.max_body_bytes = max_body_bytes
-        super().__init__(infos[0][4][:2], FrontHandler)
+        sockaddr = infos[0][4]
+        super().__init__((str(sockaddr[0]), int(sockaddr[1])), FrontHandler)
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -59,7 +60,7 @@ class FrontHandler(BaseHTTPRequestHandler):
     server_version = "metal-guard-serve"
     server: FrontServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - %s", self.address_string(), format % args)
 
     def _json(self, status: int, payload: Any, *, retry_after: float | None = None) -> None:
@@ -117,7 +118,7 @@ class FrontHandler(BaseHTTPRequestHandler):
             guess = 1.0 if sup.options.standby else (sup.last_time_to_ready_sec or 1.0)
             proxy.forward(self, child, body, timeout=self.server.upstream_timeout,
                           retry_after=guess)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _dispatch

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import socket
 from typing import TYPE_CHECKING, Any
 
 from metal_guard.serve import replies
@@ -240,5 +239,5 @@ def _stream(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse,
         if chunked:
             out.write(b"0\r\n\r\n")
             out.flush()
-    except (BrokenPipeError, ConnectionResetError, socket.timeout):
+    except (TimeoutError, BrokenPipeError, ConnectionResetError):
         handler.close_connection = True  # the client went away

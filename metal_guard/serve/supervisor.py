@@ -282,11 +282,10 @@ class Supervisor:
             self._on_ready(child)
         elif kind == "died":
             self._on_died(child)
-        elif kind == "not_ready":
-            if child in (self.candidate, self.standby):
-                log.warning("child #%d did not become ready: %s", child.number, event[2])
-                child.stop(self.options.stop_grace_sec)
-                self._failed_start(child, str(event[2]))
+        elif kind == "not_ready" and child in (self.candidate, self.standby):
+            log.warning("child #%d did not become ready: %s", child.number, event[2])
+            child.stop(self.options.stop_grace_sec)
+            self._failed_start(child, str(event[2]))
 
     def _on_ready(self, child: Child) -> None:
         self.start_failures = 0
