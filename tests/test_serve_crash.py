@@ -245,3 +245,24 @@ def test_a_killed_front_leaves_no_orphan(tmp_path: Path, tiny_model_path: Path, 
         assert pid_gone(pid, timeout=20), f"child {pid} orphaned ({watch})"
     finally:
         srv.stop()
+
+
+def test_standby_takes_over_at_once_and_is_replaced(tmp_path: Path, tiny_model_path: Path) -> None:
+    srv = Front(tiny_model_path, tmp_path / "front.log", serve_env(tmp_path / "home"), "--standby")
+    try:
+        srv.wait_ready(standby=True)
+        status = srv.status()["serve"]
+        active, standby = status["active"]["pid"], status["standby"]["pid"]
+        assert active != standby and status["standby"]["ready"] is True
+        os.kill(active, signal.SIGSEGV)
+        assert pid_gone(active)
+        _, reply = until_200(srv)
+        assert reply.choices
+        status = srv.status()["serve"]
+        assert status["standby_switches"] == 1 and status["active"]["pid"] == standby
+        assert status["last_crash"]["error_class"] == "worker_segfault"
+        health = srv.wait_ready(standby=True)  # a new standby is loaded behind it
+        new_standby = srv.status()["serve"]["standby"]["pid"]
+        assert health["child_pid"] == standby and new_standby not in (active, standby)
+    finally:
+        assert srv.stop() == 0

@@ -51,7 +51,10 @@ def _refused(port: int) -> bool:
 
 
 def test_crash_cycles_leak_nothing(tmp_path: Path, tiny_model_path: Path) -> None:
-    srv = Front(tiny_model_path, tmp_path / "front.log", serve_env(tmp_path / "home"))
+    # Crashes in a row double the backoff up to --backoff-max (30 s by default): cap it so the
+    # cycles measure the respawn, not the deliberate wait.
+    srv = Front(tiny_model_path, tmp_path / "front.log", serve_env(tmp_path / "home"),
+                "--backoff-max", "0.1")
     try:
         pid = srv.child_pid()
         time.sleep(0.5)
