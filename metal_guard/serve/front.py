@@ -8,6 +8,7 @@ else answered 503 + ``Retry-After`` with an OpenAI-shaped body.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -59,6 +60,13 @@ class FrontHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "metal-guard-serve"
     server: FrontServer
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body leave in separate writes: without TCP_NODELAY, Nagle + the client's
+        # delayed ACK would hold the second write ~40 ms (it halved requests/s in the benchmark).
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s - %s", self.address_string(), format % args)

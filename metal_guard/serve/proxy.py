@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 from metal_guard.serve import replies
@@ -143,6 +144,8 @@ def forward(handler: FrontHandler, child: Child, body: bytes, *, timeout: float,
     conn = http.client.HTTPConnection("127.0.0.1", child.port, timeout=timeout)
     try:
         try:
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.request(handler.command, handler.path, body=body or None, headers=headers)
             resp = conn.getresponse()
         except _UPSTREAM_ERRORS as exc:
@@ -172,15 +175,16 @@ def _relay(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse,
                        **extra)
             return
         if len(data) <= MAX_BUFFERED_BYTES:
-            _start(handler, resp, length=len(data))
-            handler.wfile.write(data)
+            _start(handler, resp, length=len(data), body=data)
             return
         _stream(handler, child, resp, first=data, sse=False)
         return
     _stream(handler, child, resp, first=b"", sse=True)
 
 
-def _start(handler: FrontHandler, resp: http.client.HTTPResponse, *, length: int | None) -> None:
+def _start(handler: FrontHandler, resp: http.client.HTTPResponse, *, length: int | None,
+           body: bytes = b"") -> None:
+    """Status line and headers (and a small ``body``) in one write."""
     handler.send_response_only(resp.status, resp.reason)
     handler.send_header("Date", handler.date_time_string())
     for key, value in resp.getheaders():
@@ -193,7 +197,13 @@ def _start(handler: FrontHandler, resp: http.client.HTTPResponse, *, length: int
     else:
         handler.send_header("Connection", "close")
         handler.close_connection = True
+    if body and len(body) <= 1 << 20:
+        handler._headers_buffer.append(b"\r\n" + body)  # type: ignore[attr-defined]
+        handler.flush_headers()
+        return
     handler.end_headers()
+    if body:
+        handler.wfile.write(body)
 
 
 def _stream(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse, *,
