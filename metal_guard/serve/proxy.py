@@ -159,6 +159,22 @@ def forward(handler: FrontHandler, child: Child, body: bytes, *, timeout: float,
         conn.close()
 
 
+def _read_bounded(resp: http.client.HTTPResponse, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body, without allocating ``limit`` up front
+    (``HTTPResponse.read(n)`` zero-fills an ``n``-byte buffer first)."""
+    if resp.length is not None and resp.length < limit:
+        return resp.read()  # raises IncompleteRead when the child dies mid-body
+    parts: list[bytes] = []
+    total = 0
+    while total < limit:
+        data = resp.read1(min(CHUNK, limit - total))
+        if not data:
+            break
+        parts.append(data)
+        total += len(data)
+    return b"".join(parts)
+
+
 def _relay(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse,
            retry_after: float) -> None:
     ctype = (resp.getheader("Content-Type") or "").lower()
@@ -167,7 +183,7 @@ def _relay(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse,
         return
     if not ctype.startswith("text/event-stream"):
         try:
-            data = resp.read(MAX_BUFFERED_BYTES + 1)
+            data = _read_bounded(resp, MAX_BUFFERED_BYTES + 1)
         except _UPSTREAM_ERRORS as exc:
             log.debug("upstream died mid-answer: %s", exc)
             message, extra = _death_message(child)
