@@ -45,7 +45,8 @@ def test_every_example_has_a_test() -> None:
     assert names == {"quickstart.py", "agent_loop.py", "pipeline_multi_model.py",
                      "langchain_chat.py", "server_zero_code.sh"}
     assert {p.name for p in (EXAMPLES / "launchd").glob("*.plist")} == {
-        "com.metal-guard.status-writer.plist", "com.example.mlx-server.plist"}
+        "com.metal-guard.status-writer.plist", "com.example.mlx-server.plist",
+        "com.example.mlx-serve.plist"}  # the serve example: tests/test_serve_examples.py
 
 
 def test_quickstart(tiny_model_path: Path) -> None:

@@ -25,6 +25,7 @@ EXIT_GATE_BROKEN = 3
 EXIT_FAILED = 4
 EXIT_BLOCKED = 10
 EXIT_FAIL_OPEN = 11
+EXIT_SERVE_BREAKER = 12
 EXIT_USAGE = 64
 EXIT_INTERNAL = 70
 
@@ -37,6 +38,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_FAILED: "the command failed (I/O error, invalid input file, worker failure)",
     EXIT_BLOCKED: "mlx-safe-python: blocked by an active cooldown",
     EXIT_FAIL_OPEN: "mlx-safe-python: gate broken, command ran anyway (fail-open)",
+    EXIT_SERVE_BREAKER: "serve: the server kept crashing and the circuit breaker opened; "
+                        "the front exited so the service manager takes over",
     EXIT_USAGE: "usage error (bad arguments or configuration)",
     EXIT_INTERNAL: "internal error (a bug: please report it)",
 }
@@ -49,6 +52,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "metal_guard.cli.cadence",
     "metal_guard.cli.knowledge",
     "metal_guard.cli.run",
+    "metal_guard.cli.serve",
     "metal_guard.cli.demo",
 )
 
@@ -74,6 +78,7 @@ _COMMANDS: dict[str, str] = {
     "advisories": "metal_guard.cli.knowledge",
     "registry": "metal_guard.cli.knowledge",
     "run": "metal_guard.cli.run",
+    "serve": "metal_guard.cli.serve",
     "demo": "metal_guard.cli.demo",
 }
 
