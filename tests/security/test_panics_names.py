@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from report_factory import panic_report
 
-
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file names are bytes")
 
 
