@@ -19,7 +19,6 @@ Portable to macOS (no ``openat2`` there): the walk uses only ``openat`` semantic
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -193,7 +192,7 @@ class BundleDir:
             raise UnsafePathError(f"bundle paths are at most one directory deep: {rel!r}")
         dir_fd = self._subdir(parts[0]) if len(parts) == 2 else self.fd
         name = parts[-1]
-        tmp = f".{name[:80]}.{secrets.token_hex(6)}.tmp"
+        tmp = f".{name[:80]}.{os.urandom(6).hex()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600,
                      dir_fd=dir_fd)
         try:
