@@ -135,10 +135,11 @@ def _secondary_key(record: PanicRecord) -> tuple[str, int, int] | None:
     return (record.kind, int(record.timestamp), record.pid)
 
 
-def _parse_reports(report_dir: Path | None, since_ts: float | None) -> list[PanicRecord]:
+def _parse_reports(report_dir: Path | None, since_ts: float | None,
+                   scan_errors: list[str] | None = None) -> list[PanicRecord]:
     from metal_guard.forensics.reports import parse_panic_reports
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"errors": scan_errors}
     if since_ts is not None:
         try:
             if "since_ts" in inspect.signature(parse_panic_reports).parameters:
@@ -156,6 +157,7 @@ def ingest_panics_jsonl(
     jsonl_path: Path | str | None = None,
     records: Iterable[PanicRecord | dict[str, Any]] | None = None,
     since_ts: float | None = None,
+    scan_errors: list[str] | None = None,
 ) -> int:
     """Append new panic/crash records to the archive; return how many were added.
 
@@ -163,12 +165,14 @@ def ingest_panics_jsonl(
     finds (in ``report_dir``, default the configured report directories). Records already in
     the archive — same :attr:`PanicRecord.identity`, or same kind, second and pid — are
     skipped; the whole read-check-append runs under the archive's storage lock. A report
-    parser failure is logged and counts as nothing found.
+    parser failure is logged and counts as nothing found. Why the report scan could not see
+    its whole window is appended to ``scan_errors`` when given.
     """
     path = Path(jsonl_path) if jsonl_path is not None else _default_archive()
     if records is None:
         try:
-            records = _parse_reports(Path(report_dir) if report_dir is not None else None, since_ts)
+            records = _parse_reports(Path(report_dir) if report_dir is not None else None, since_ts,
+                                     scan_errors)
         except ImportError as exc:
             log.debug("panic report parser unavailable: %s", exc)
             return 0
@@ -243,6 +247,8 @@ class CircuitBreaker:
         self.jsonl_path = Path(jsonl_path) if jsonl_path is not None else settings.state_file(PANICS_FILE)
         self._clock = clock or time.time
         self.auto_ingest = auto_ingest
+        #: Why the last :meth:`ingest` could not see every report of its window (empty: it could).
+        self.last_scan_errors: list[str] = []
 
     def _now(self, now: float | None) -> float:
         return float(now) if now is not None else float(self._clock())
@@ -341,10 +347,13 @@ class CircuitBreaker:
     def ingest(self, *, report_dir: Path | None = None, now: float | None = None) -> int:
         """Archive new reports from the diagnostic-report directories; never raises."""
         since = self._now(now) - (self.window_sec + self.cooldown_sec)
+        self.last_scan_errors = []
         try:
-            return ingest_panics_jsonl(report_dir=report_dir, jsonl_path=self.jsonl_path, since_ts=since)
+            return ingest_panics_jsonl(report_dir=report_dir, jsonl_path=self.jsonl_path, since_ts=since,
+                                       scan_errors=self.last_scan_errors)
         except Exception as exc:
             log.warning("panic report ingest failed: %s: %s", type(exc).__name__, exc)
+            self.last_scan_errors.append(f"panic report ingest failed: {type(exc).__name__}: {exc}")
             return 0
 
     def status(self, *, now: float | None = None) -> dict[str, Any]:
@@ -356,9 +365,12 @@ class CircuitBreaker:
         """Raise :class:`MLXCooldownActive` while the breaker is open; else return :meth:`status`."""
         at = self._now(now)
         ensure_legacy_imported()  # a metal-guard 0.11 open breaker stays open (migrate.py)
+        scan_errors: list[str] = []
         if self.auto_ingest if ingest is None else ingest:
             self.ingest(now=at)
+            scan_errors = list(self.last_scan_errors)
         status = self._evaluate(self._read_state(), at, repair=True)
+        status["report_scan_errors"] = scan_errors  # the reports could not all be seen
         if status["in_cooldown"]:
             self._persist_trip(status, at)
             raise MLXCooldownActive(

@@ -258,7 +258,7 @@ def test_check_auto_ingests_parsed_reports(tmp_path, monkeypatch, clock):
 
     calls = []
 
-    def parser(report_dir, since_ts):
+    def parser(report_dir, since_ts, scan_errors=None):
         calls.append(since_ts)
         return [gpu_panic(T0 - 20, 1), gpu_panic(T0 - 10, 2)]
 

@@ -191,7 +191,7 @@ def test_unreadable_recent_report_breaks_the_gate_unless_already_cooling(
 ) -> None:
     write_panic(rdir, NOW - 30 * H)
 
-    def deny(path: object, max_bytes: int = 0) -> tuple[bytes, int, float]:
+    def deny(path: object, max_bytes: int = 0, **kw: object) -> tuple[bytes, int, float]:
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(reports, "read_report_bytes", deny)

@@ -167,7 +167,7 @@ def test_old_files_are_dropped_by_name_before_reading(tmp_path: Path, monkeypatc
     reads: list[str] = []
     real = reports.read_report_bytes
     monkeypatch.setattr(reports, "read_report_bytes",
-                        lambda p, m=reports.MAX_READ_BYTES: reads.append(str(p)) or real(p, m))
+                        lambda p, m=reports.MAX_READ_BYTES, **kw: reads.append(str(p)) or real(p, m, **kw))
     records = scan_reports([tmp_path], panic_since_ts=now - 72 * 3600, now=now).records
     assert [r.path for r in records] == [str(fresh)]
     assert reads == [str(fresh)]
@@ -205,7 +205,7 @@ def test_unreadable_recent_panic_is_an_error_but_unreadable_crash_is_not(
     write_panic(tmp_path, now - 600)
     (tmp_path / f"Python-{datetime.fromtimestamp(now).strftime('%Y-%m-%d-%H%M%S')}.ips").write_text("{}")
 
-    def deny(path: object, max_bytes: int = 0) -> tuple[bytes, int, float]:
+    def deny(path: object, max_bytes: int = 0, **kw: object) -> tuple[bytes, int, float]:
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(reports, "read_report_bytes", deny)
@@ -297,11 +297,11 @@ def test_scan_cache_skips_unchanged_files(tmp_path: Path, monkeypatch: pytest.Mo
     now = time.time()
     reports_dir, cache = tmp_path / "r", tmp_path / "cache" / "scan.json"
     first = write_panic(reports_dir, now - 3600)
-    (reports_dir / f"panic-full-{datetime.fromtimestamp(now).strftime('%Y-%m-%d-%H%M%S')}.0009.panic").write_bytes(b"\x00junk")
+    (reports_dir / f"panic-full-{datetime.fromtimestamp(now).strftime('%Y-%m-%d-%H%M%S')}.0009.panic").write_bytes(b"\x00junk" * 10)
     reads: list[str] = []
     real = reports.read_report_bytes
     monkeypatch.setattr(reports, "read_report_bytes",
-                        lambda p, m=reports.MAX_READ_BYTES: reads.append(os.path.basename(str(p))) or real(p, m))
+                        lambda p, m=reports.MAX_READ_BYTES, **kw: reads.append(os.path.basename(str(p))) or real(p, m, **kw))
 
     def scan() -> list[str]:
         res = scan_reports([reports_dir], panic_since_ts=now - 72 * 3600, now=now, cache_path=cache)

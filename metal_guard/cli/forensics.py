@@ -4,26 +4,59 @@
 gate path imports) stays stdlib-only at import time and never imports ``mlx``.
 
 Exit codes (see :data:`metal_guard.cli.EXIT_CODES`): ``panic-gate`` 0 proceed / 2 cooldown or
-lockout / 3 gate broken; ``panics`` 1 when GPU panics are in the window; ``postmortem`` 1 when
-it found a GPU panic; ``orphan-scan`` 1 when a live (or unidentified) orphan exists; 4 when a
-command failed (I/O).
+lockout / 3 gate broken; ``panics`` 1 when GPU panics are in the window, 3 when it found none
+but could not see the whole window; ``postmortem`` 1 when it found a GPU panic; ``orphan-scan``
+1 when a live (or unidentified) orphan exists; 4 when a command failed (I/O).
+
+Report file names and directory paths are hostile text: everything printed goes through
+:func:`shown` (control characters and undecodable bytes escaped) and :func:`_for_stdout` (any
+character the terminal's encoding lacks is escaped), so no name can forge an output line or
+crash the command.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 from metal_guard.cli import (
     EXIT_FAILED,
+    EXIT_GATE_BROKEN,
     EXIT_OK,
     EXIT_USAGE,
     EXIT_WARN,
     add_command,
     emit,
 )
+
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: object) -> str:
+    """``text`` with undecodable bytes as ``\\xNN`` and control / bidi characters escaped."""
+    value = str(text)
+    try:
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeError:  # a lone surrogate that is not an escaped byte
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), value)
+
+
+def _for_stdout(text: str) -> str:
+    """Escape what the stdout encoding cannot represent (a strict ASCII/UTF-8 stdout never fails)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def shown_lines(text: str) -> str:
+    """:func:`shown` applied line by line (keeps our own line breaks)."""
+    return "\n".join(shown(line) for line in text.split("\n"))
 
 
 def _fmt_ts(ts: float | None) -> str:
@@ -51,9 +84,10 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         text += (f"\n  GPU panics 24h/72h: {verdict.recent_panics_24h}/{verdict.recent_panics_72h};"
                  f" GPU aborts 24h: {verdict.abort_count_24h}")
         for p in verdict.panics:
-            text += f"\n  {_fmt_ts(p.timestamp)} {p.signature or '?'} {p.path}"
+            text += f"\n  {_fmt_ts(p.timestamp)} {p.signature or '?'} {shown(p.path)}"
+    text = shown_lines(text)
     if args.json or verdict.exit_code == 0:
-        emit(args, payload, text)
+        emit(args, payload, _for_stdout(text))
     else:  # a refusal goes to stderr, where launchd's StandardErrorPath keeps it
         print(text, file=sys.stderr)
     return verdict.exit_code
@@ -102,8 +136,8 @@ def _cmd_panics(args: argparse.Namespace) -> int:
     from metal_guard.forensics.reports import scan_reports
     from metal_guard.settings import get_settings
 
-    if args.since_hours <= 0:
-        print("metal-guard panics: --since-hours must be > 0", file=sys.stderr)
+    if not args.since_hours > 0 or args.since_hours > 24 * 365 * 10:
+        print("metal-guard panics: --since-hours must be > 0 and at most ten years", file=sys.stderr)
         return EXIT_USAGE
     s = get_settings()
     since = time.time() - args.since_hours * 3600
@@ -115,6 +149,7 @@ def _cmd_panics(args: argparse.Namespace) -> int:
     records = [r for r in result.records if args.all or r.is_gpu]
     gpu = [r for r in result.panics if r.is_gpu]
     payload = {"since_hours": args.since_hours, "dirs": result.dirs, "errors": result.errors,
+               "notes": result.notes, "complete": "panic" not in result.incomplete,
                "gpu_panic_count": len(gpu), "records": [r.to_dict() for r in records],
                "skipped_files": result.skipped}
     lines = [f"{len(gpu)} GPU kernel panic(s) in the last {args.since_hours:g} h"
@@ -122,13 +157,19 @@ def _cmd_panics(args: argparse.Namespace) -> int:
     for r in records:
         tag = r.signature or r.error_class or ("other" if r.kind == "kernel_panic" else r.kind)
         lines.append(f"  {_fmt_ts(r.timestamp)}  {r.kind:<13} {'GPU' if r.is_gpu else '   '} "
-                     f"{tag:<24} {r.path}")
+                     f"{shown(tag):<24} {shown(r.path)}")
     if not args.all and len(result.records) > len(records):
         lines.append(f"  ({len(result.records) - len(records)} non-GPU report(s) hidden; --all shows them)")
+    for note in result.notes:
+        lines.append(f"  note: {shown(note)}")
     for err in result.errors:
-        lines.append(f"  error: {err}")
-    emit(args, payload, "\n".join(lines))
-    return EXIT_WARN if gpu else EXIT_OK
+        lines.append(f"  error: {shown(err)}")
+    if result.errors and not gpu:
+        lines.append("  the window could not be fully seen: no panic found does NOT mean none happened")
+    emit(args, payload, _for_stdout("\n".join(lines)))
+    if gpu:
+        return EXIT_WARN
+    return EXIT_GATE_BROKEN if result.errors else EXIT_OK
 
 
 # --------------------------------------------------------------------------- postmortem
@@ -140,7 +181,7 @@ def _cmd_postmortem(args: argparse.Namespace) -> int:
     try:
         result = run_postmortem(args.output_dir, hours=args.hours)
     except (OSError, ValueError) as exc:
-        print(f"metal-guard postmortem: {exc}", file=sys.stderr)
+        print(f"metal-guard postmortem: {shown(exc)}", file=sys.stderr)
         return EXIT_FAILED
     if result["status"] == "disabled":
         emit(args, result, "postmortem disabled by METALGUARD_POSTMORTEM_DISABLED=1")
@@ -150,8 +191,8 @@ def _cmd_postmortem(args: argparse.Namespace) -> int:
     if result["sentinel"]:
         text += f"\ncooldown sentinel until {result['sentinel_until']}"
     for name, err in result["errors"].items():
-        text += f"\n  warning: {name}: {err}"
-    emit(args, result, text)
+        text += f"\n  warning: {shown(name)}: {shown(err)}"
+    emit(args, result, _for_stdout(shown_lines(text)))
     return EXIT_WARN if result["panic_count"] else EXIT_OK
 
 
@@ -204,6 +245,7 @@ def register(subparsers: Any) -> None:
 
     p = add_command(subparsers, "panics", help="list kernel panic (and --aborts crash) reports")
     p.add_argument("--since-hours", type=float, default=72.0, metavar="H")
+    # exit: 0 none, 1 GPU panics in the window, 3 none found but the window was not fully seen
     p.add_argument("--all", action="store_true", help="include non-GPU reports")
     p.add_argument("--aborts", action="store_true", help="include .ips process-crash reports")
     p.set_defaults(func=_cmd_panics)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from metal_guard.cli import EXIT_COOLDOWN, EXIT_OK, EXIT_WARN, add_command, emit
+from metal_guard.cli import EXIT_COOLDOWN, EXIT_GATE_BROKEN, EXIT_OK, EXIT_WARN, add_command, emit
 
 
 def _lock_summary(holder: dict[str, Any] | None) -> str:
@@ -103,7 +103,11 @@ def _run_breaker(args: argparse.Namespace) -> int:
             status = breaker.status()
             emit(args, status, _render_breaker(status))
             return EXIT_COOLDOWN
-        emit(args, status, _render_breaker(status))
+        blind = status.get("report_scan_errors") or []
+        emit(args, status, _render_breaker(status)
+             + "".join(f"\ncannot see every panic report: {e!a}" for e in blind))
+        if blind:  # "closed" from a scan that could not see its window is no answer
+            return EXIT_GATE_BROKEN
         return EXIT_WARN if status["recent_failure_count"] else EXIT_OK
     status = breaker.status()
     emit(args, status, _render_breaker(status))

@@ -1,9 +1,15 @@
 """L12: collect a postmortem bundle after a panic and reboot.
 
-``run_postmortem(DIR)`` (``metal-guard postmortem DIR``) writes into ``DIR``:
+``run_postmortem(DIR)`` (``metal-guard postmortem DIR``) writes into ``DIR`` — created 0700, or
+an existing directory of ours that is empty or an earlier bundle and holds no symlink (see
+:class:`~metal_guard.forensics.safefs.BundleDir`); every file is written through the
+directory's fd, so a link planted inside is replaced, never followed:
 
 * ``panics/`` — up to 5 GPU kernel-panic reports of the last 24 h, each capped at 5 MiB
-  (a trailer marks a cut), read with the same no-symlink rules as the gate;
+  (a trailer marks a cut). Each is opened beneath its reports directory's fd with no symlink
+  followed at any component; the opened file must be the one the scan listed (device and
+  inode) and its bytes must parse again as the same GPU report, so a racing rename of a
+  parent directory cannot copy any other file into the bundle;
 * ``aborts/`` — up to 5 GPU/Metal process-crash reports of the last 24 h, same caps;
 * ``breadcrumb_tail.log`` (last 500 lines), ``panics.jsonl`` (the breaker's archive, capped);
 * ``system.json`` — gate verdict, platform, MLX version from package metadata and memory as
@@ -22,13 +28,18 @@ import json
 import logging
 import os
 import platform
+import stat
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metal_guard.clock import utc_iso as _iso
 from metal_guard.forensics.records import PanicRecord
+from metal_guard.forensics.safefs import BundleDir, UnsafePathError, read_fd
+
+if TYPE_CHECKING:
+    from metal_guard.forensics.listing import Candidate, RootFds
 
 log = logging.getLogger("metal_guard.forensics.postmortem")
 
@@ -45,16 +56,23 @@ def _safe_name(name: str) -> str:
     return cleaned or "report"
 
 
-def _copy_capped(record: PanicRecord, dest_dir: Path, max_bytes: int) -> dict[str, Any]:
-    from metal_guard import storage
-    from metal_guard.forensics.reports import read_report_bytes
+def _copy_report(record: PanicRecord, cand: Candidate | None, roots: RootFds, bundle: BundleDir,
+                 sub: str, max_bytes: int) -> dict[str, Any]:
+    """Copy the report the scan classified (and only that file) into ``bundle/sub``."""
+    from metal_guard.forensics.reports import MAX_READ_BYTES, parse_report_bytes, read_report_bytes
 
-    data, size, _mtime = read_report_bytes(record.path, max_bytes)
+    if cand is None:
+        raise UnsafePathError(f"{record.path}: no scanned source to copy from")
+    data, size, mtime = read_report_bytes(record.path, max_bytes, beneath=(roots.fd(cand), cand.rel),
+                                          expect=cand.file_id)
+    again = parse_report_bytes(data[:MAX_READ_BYTES], name=cand.name, path=record.path,
+                               mtime=mtime, file_size=size)
+    if again is None or not again.is_gpu or again.identity != record.identity:
+        raise UnsafePathError(f"{record.path} changed after it was classified; not copied")
     if size > len(data):
         data += (f"\n\n[metal-guard: truncated at {len(data)} of {size} bytes; the original is "
-                 f"{record.path}]\n").encode()
-    target = dest_dir / _safe_name(os.path.basename(record.path))
-    storage.write_bytes_atomic(target, data)
+                 f"{record.path}]\n").encode("utf-8", "backslashreplace")
+    target = bundle.write_bytes(f"{sub}/{_safe_name(os.path.basename(record.path))}", data)
     return {"source": record.path, "copy": str(target), "bytes": size,
             "truncated": size > max_bytes, "signature": record.signature,
             "error_class": record.error_class, "time": record.when.isoformat()}
@@ -138,16 +156,14 @@ def run_postmortem(
     hours: float = 24.0, max_reports: int = MAX_REPORTS, max_report_bytes: int = MAX_REPORT_BYTES,
     breadcrumb_lines: int = BREADCRUMB_LINES,
 ) -> dict[str, Any]:
-    """Collect the bundle into ``output_dir`` (created 0700); see the module docstring.
+    """Collect the bundle into ``output_dir``; see the module docstring.
 
     Returns ``{status, output_dir, panic_count, abort_count, index, sentinel, files, errors}``;
     ``status`` is ``"disabled"`` under ``METALGUARD_POSTMORTEM_DISABLED=1``. Raises
-    ``NotADirectoryError`` when ``output_dir`` exists and is not a directory.
+    ``NotADirectoryError`` when ``output_dir`` exists and is not a directory, and
+    :class:`~metal_guard.forensics.safefs.UnsafePathError` (an ``OSError``) when it is a
+    symlink, someone else's, non-empty without being an earlier bundle, or holds a symlink.
     """
-    from metal_guard import storage
-    from metal_guard.forensics.gate import evaluate_panic_cooldown, mark_panic_sentinel_cooldown
-    from metal_guard.forensics.reports import scan_reports
-
     if settings is None:
         from metal_guard.settings import get_settings
 
@@ -155,15 +171,21 @@ def run_postmortem(
     if settings.postmortem_disabled:
         return {"status": "disabled", "output_dir": str(output_dir), "panic_count": 0}
     now_ts = time.time() if now is None else (now.timestamp() if isinstance(now, datetime) else float(now))
-    out = Path(output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory")
-    storage.ensure_dir(out)
-    errors: dict[str, str] = {}
-    files: list[str] = []
+    with BundleDir.open(output_dir) as bundle:
+        return _collect(bundle, settings, now_ts, hours, max_reports, max_report_bytes,
+                        breadcrumb_lines)
 
+
+def _collect(bundle: BundleDir, settings: Any, now_ts: float, hours: float, max_reports: int,
+             max_report_bytes: int, breadcrumb_lines: int) -> dict[str, Any]:
+    from metal_guard.forensics.gate import evaluate_panic_cooldown, mark_panic_sentinel_cooldown
+    from metal_guard.forensics.listing import RootFds
+    from metal_guard.forensics.reports import scan_reports
     from metal_guard.forensics.scancache import CACHE_FILE
 
+    out = bundle.path
+    errors: dict[str, str] = {}
+    files: list[str] = []
     scan = scan_reports(settings.report_dirs, panic_since_ts=now_ts - hours * 3600,
                         crash_since_ts=now_ts - hours * 3600, now=now_ts,
                         cache_path=settings.cache_file(CACHE_FILE))
@@ -173,31 +195,37 @@ def run_postmortem(
     gpu_aborts = [r for r in scan.crashes if r.is_gpu][:max_reports]
     copied: list[dict[str, Any]] = []
     aborts: list[dict[str, Any]] = []
-    for records, sub, sink in ((gpu_panics, "panics", copied), (gpu_aborts, "aborts", aborts)):
-        for rec in records:
-            try:
-                sink.append(_copy_capped(rec, storage.ensure_dir(out / sub), max_report_bytes))
-                files.append(f"{sub}/{os.path.basename(sink[-1]['copy'])}")
-            except (OSError, ValueError) as exc:
-                errors[f"copy:{os.path.basename(rec.path)}"] = f"{type(exc).__name__}: {exc}"
+    roots = RootFds()
+    try:
+        for records, sub, sink in ((gpu_panics, "panics", copied), (gpu_aborts, "aborts", aborts)):
+            for rec in records:
+                try:
+                    sink.append(_copy_report(rec, scan.sources.get(rec.path), roots, bundle, sub,
+                                             max_report_bytes))
+                    files.append(f"{sub}/{os.path.basename(sink[-1]['copy'])}")
+                except (OSError, ValueError) as exc:
+                    errors[f"copy:{os.path.basename(rec.path)}"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        roots.close()
 
+    tail: list[str] = []
     try:
         from metal_guard.breadcrumbs import read_lines
 
         tail = read_lines(breadcrumb_lines, max_bytes=4 << 20)
-        storage.write_text_atomic(out / "breadcrumb_tail.log", "\n".join(tail) + ("\n" if tail else ""))
+        bundle.write_text("breadcrumb_tail.log", "\n".join(tail) + ("\n" if tail else ""))
         files.append("breadcrumb_tail.log")
     except Exception as exc:
         errors["breadcrumbs"] = f"{type(exc).__name__}: {exc}"
 
-    archive = settings.state_file("panics.jsonl")
-    if archive.exists():
-        try:
-            data, _size, _ = _read_tail(archive, MAX_ARCHIVE_BYTES)
-            storage.write_bytes_atomic(out / "panics.jsonl", data)
-            files.append("panics.jsonl")
-        except OSError as exc:
-            errors["panics.jsonl"] = f"{type(exc).__name__}: {exc}"
+    try:
+        data = _read_tail(settings.state_file("panics.jsonl"), MAX_ARCHIVE_BYTES)
+        bundle.write_bytes("panics.jsonl", data)
+        files.append("panics.jsonl")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        errors["panics.jsonl"] = f"{type(exc).__name__}: {exc}"
 
     verdict = evaluate_panic_cooldown(now=now_ts, settings=settings)
     system: dict[str, Any] | None = None
@@ -205,7 +233,7 @@ def run_postmortem(
         system = _system_info(verdict, settings, panics_found=bool(gpu_panics))
         system["gate"] = verdict.to_dict()
         system["collected_at"] = _iso(now_ts)
-        storage.write_json(out / "system.json", system)
+        bundle.write_text("system.json", json.dumps(system, indent=2, sort_keys=True, default=str) + "\n")
         files.append("system.json")
     except Exception as exc:
         errors["system"] = f"{type(exc).__name__}: {exc}"
@@ -221,11 +249,8 @@ def run_postmortem(
         try:
             from metal_guard.forensics.feedback import format_panic_for_apple_feedback
 
-            tail_lines = (out / "breadcrumb_tail.log").read_text("utf-8").splitlines() \
-                if (out / "breadcrumb_tail.log").exists() else []
-            text = format_panic_for_apple_feedback(gpu_panics[0], breadcrumb_tail=tail_lines,
-                                                   system=system)
-            storage.write_text_atomic(out / "apple_feedback.md", text)
+            text = format_panic_for_apple_feedback(gpu_panics[0], breadcrumb_tail=tail, system=system)
+            bundle.write_text("apple_feedback.md", text)
             files.append("apple_feedback.md")
         except Exception as exc:
             errors["apple_feedback"] = f"{type(exc).__name__}: {exc}"
@@ -236,16 +261,24 @@ def run_postmortem(
         "files": files, "errors": errors, "index": str(out / "index.md"),
     }
     result["files"] = [*files, "index.md", "postmortem.json"]
-    storage.write_text_atomic(out / "index.md", _index(result, verdict, copied, aborts, now_ts))
-    storage.write_text_atomic(out / "postmortem.json",
-                              json.dumps(result, indent=2, sort_keys=True) + "\n")
+    bundle.write_text("index.md", _index(result, verdict, copied, aborts, now_ts))
+    bundle.write_text("postmortem.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
 
-def _read_tail(path: Path, max_bytes: int) -> tuple[bytes, int, float]:
-    with path.open("rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, size - max_bytes))
-        if size > max_bytes:
-            fh.readline()
-        return fh.read(), size, path.stat().st_mtime
+def _read_tail(path: Path, max_bytes: int) -> bytes:
+    """The last ``max_bytes`` of a regular file (from a line start), without following a link."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        start = max(0, st.st_size - max_bytes)
+        os.lseek(fd, start, os.SEEK_SET)
+        data = read_fd(fd, max_bytes)
+        if start > 0:
+            data = data.partition(b"\n")[2]
+        return data
+    finally:
+        os.close(fd)

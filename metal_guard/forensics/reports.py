@@ -12,27 +12,39 @@ Formats (see ``docs/forensics.md``):
   and the pasted text form (``Exception Type: ...``).
 
 Every report goes through the one classifier (:mod:`metal_guard.classify`); unrelated panics
-are returned with ``is_gpu=False``. Scanning never follows a symlink out of a reports
-directory, opens only regular files, reads at most :data:`MAX_READ_BYTES` per file and drops
-old files by the date in their name (or their mtime) before reading anything. Parsers never
-raise: junk, truncated or binary input gives ``None`` (with a debug log).
+are returned with ``is_gpu=False``. Reports directories are hostile input (another local user
+may be able to add files to one): scanning never follows a symlink out of a reports
+directory, opens files beneath the directory fd with no link followed at any component and
+checks the opened fd is the file listed, opens only regular files, reads at most
+:data:`MAX_READ_BYTES` per file, skips what cannot be a report (size, first bytes) before it
+counts toward a cap, and drops old files by the date in their name (or their mtime) before
+reading anything. A cap that stops a scan short of the window makes the scan *incomplete*,
+never silently shorter. Parsers never raise: junk, truncated, binary or deeply nested input
+gives ``None`` (with a debug log).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from metal_guard.clock import now_ts as _now_ts
+from metal_guard.forensics.listing import (
+    NAME_DATE_SLACK_SEC,
+    Candidate,
+    RootFds,
+    ScanResult,
+    iter_report_candidates,
+    name_timestamp,
+)
 from metal_guard.forensics.records import KERNEL_PANIC, PanicRecord
-from metal_guard.forensics.scancache import ScanCache, fingerprint
+from metal_guard.forensics.safefs import UnsafePathError, open_beneath, read_fd
+from metal_guard.forensics.scancache import ScanCache
 
 if TYPE_CHECKING:  # the parsers are imported on first use: the gate often needs none
     from metal_guard.forensics.formats import ParsedReport
@@ -41,9 +53,12 @@ log = logging.getLogger("metal_guard.forensics.reports")
 
 __all__ = [
     "MAX_READ_BYTES",
+    "NAME_DATE_SLACK_SEC",
+    "Candidate",
     "ScanResult",
     "classify_parsed",
     "iter_report_candidates",
+    "name_timestamp",
     "parse_panic_reports",
     "parse_report_bytes",
     "parse_report_file",
@@ -55,203 +70,60 @@ __all__ = [
 MAX_READ_BYTES = 2 * 1024 * 1024
 #: Characters of a report's panic / crash text given to the classifier.
 MAX_CLASSIFY_CHARS = 64 * 1024
-#: Newest candidate files parsed per kind and scan; older ones are counted as ``capped``.
+#: Parsed reports per kind and scan (junk does not count); candidates beyond are ``capped``.
 MAX_PANIC_FILES = 200
 MAX_CRASH_FILES = 500
-#: File names carry local time; allow this much slack when comparing them with UTC epochs.
-NAME_DATE_SLACK_SEC = 26 * 3600
+#: Files looked at per kind and scan, junk included (bounds the work a flood of junk causes).
+MAX_EXAMINED_PANIC_FILES = 2000
+MAX_EXAMINED_CRASH_FILES = 5000
+#: Bytes read first; a file whose start looks like no report format is not read further.
+HEAD_BYTES = 64 * 1024
 #: Reports dated further than this after "now" are ignored (clock trouble, junk, or a test clock).
 FUTURE_TOLERANCE_SEC = 15 * 60
 
-_SUFFIXES = (".panic", ".ips", ".crash")
-_NAME_DATE_RE = re.compile(r"[12]\d{3}-[01]\d-[0-3]\d-[0-2]\d[0-5]\d[0-6]\d")
-_PANIC_NAME_RE = re.compile(r"^(?:panic|kernel)", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A report file found by a directory scan, before it is read."""
-
-    path: str
-    name: str
-    root: str
-    sort_ts: float
-    panic_like: bool
-    fingerprint: str = ""
-
-
-@dataclass
-class ScanResult:
-    """Outcome of :func:`scan_reports`.
-
-    ``errors`` lists conditions that make a scan untrustworthy (a reports directory that
-    exists but cannot be listed, a recent panic report that cannot be read): the gate turns
-    them into exit code 3. ``skipped`` counts junk/unreadable files, ``capped`` the candidates
-    left unread because of :data:`MAX_PANIC_FILES` / :data:`MAX_CRASH_FILES`.
-    """
-
-    records: list[PanicRecord] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    dirs: list[str] = field(default_factory=list)
-    candidates: int = 0
-    skipped: int = 0
-    capped: int = 0
-
-    @property
-    def panics(self) -> list[PanicRecord]:
-        return [r for r in self.records if r.kind == KERNEL_PANIC]
-
-    @property
-    def crashes(self) -> list[PanicRecord]:
-        return [r for r in self.records if r.kind != KERNEL_PANIC]
-
-
-# --------------------------------------------------------------------------- names and dates
-
-
-def name_timestamp(name: str) -> float | None:
-    """Epoch of the ``YYYY-MM-DD-HHMMSS`` stamp in a report file name (local time), if any."""
-    match = _NAME_DATE_RE.search(name)
-    if not match:
-        return None
-    try:
-        t = match.group(0)  # YYYY-MM-DD-HHMMSS, local time like the name (no strptime import)
-        return datetime(int(t[0:4]), int(t[5:7]), int(t[8:10]), int(t[11:13]), int(t[13:15]),
-                        int(t[15:17])).timestamp()
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
-def _cutoff_stamp(since: float | None) -> str:
-    """The local-time ``YYYY-MM-DD-HHMMSS`` stamp of ``since - slack`` ("" = no cut-off).
-
-    Name stamps sort like the times they encode, so the pre-filter is a string comparison.
-    """
-    if since is None:
-        return ""
-    try:
-        return datetime.fromtimestamp(since - NAME_DATE_SLACK_SEC).strftime("%Y-%m-%d-%H%M%S")
-    except (OverflowError, OSError, ValueError):
-        return ""
-
-
-def _within(path: str, roots: Sequence[str]) -> bool:
-    for root in roots:
-        try:
-            if os.path.commonpath([path, root]) == root:
-                return True
-        except ValueError:
-            continue
-    return False
-
-
-def iter_report_candidates(
-    dirs: Iterable[Path | str],
-    *,
-    panic_since_ts: float | None = None,
-    crash_since_ts: float | None = None,
-    kinds: frozenset[str] = frozenset({"panic", "crash"}),
-    result: ScanResult | None = None,
-) -> list[Candidate]:
-    """List report files in ``dirs`` (not recursive) that may be newer than the cut-offs.
-
-    Nothing is read here: a file is dropped when the date in its name (or, without one, its
-    mtime) is older than the cut-off minus :data:`NAME_DATE_SLACK_SEC`. Reports are written
-    after the event they describe, so this never drops a report of a recent event. A symlink
-    is kept only when it resolves inside one of ``dirs``. Only the survivors are ``lstat``'d,
-    so a directory of thousands of old reports costs one ``listdir`` and a string compare each.
-    """
-    result = result if result is not None else ScanResult()
-    dir_list = [str(Path(d).expanduser()) for d in dirs]
-    real_roots = [os.path.realpath(d) for d in dir_list]
-    cut = {True: _cutoff_stamp(panic_since_ts), False: _cutoff_stamp(crash_since_ts)}
-    since = {True: panic_since_ts, False: crash_since_ts}
-    want = {True: "panic" in kinds, False: "crash" in kinds}
-    search = _NAME_DATE_RE.search
-    out: list[Candidate] = []
-    seen: set[str] = set()
-    for directory in dir_list:
-        result.dirs.append(directory)
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            continue
-        except NotADirectoryError:
-            result.errors.append(f"reports path {directory} is not a directory")
-            continue
-        except OSError as exc:
-            result.errors.append(f"cannot list reports directory {directory}: {exc.strerror or exc}")
-            continue
-        for name in names:
-            low = name if name.endswith(_SUFFIXES) else name.lower()
-            if not low.endswith(_SUFFIXES) or name.startswith("."):
-                continue
-            panic_like = low.endswith(".panic") or _PANIC_NAME_RE.match(name) is not None
-            if not want[panic_like]:
-                continue
-            match = search(name)
-            if match is not None and match.group(0) < cut[panic_like]:
-                continue
-            path = os.path.join(directory, name)
-            try:
-                st = os.lstat(path)
-                ts = name_timestamp(name) if match is not None else None
-                if ts is None:
-                    ts = st.st_mtime
-                    cutoff = since[panic_like]
-                    if cutoff is not None and ts < cutoff - NAME_DATE_SLACK_SEC:
-                        continue
-                if stat.S_ISLNK(st.st_mode):
-                    target = os.path.realpath(path)
-                    if not _within(target, real_roots):
-                        log.debug("skipping %s: symlink leads outside the reports dirs", path)
-                        result.skipped += 1
-                        continue
-                    path = target
-                    st = os.stat(path)
-            except OSError as exc:
-                log.debug("skipping %s: %s", path, exc)
-                result.skipped += 1
-                continue
-            key = os.path.realpath(path)
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(Candidate(path, name, directory, ts, panic_like, fingerprint(st)))
-    out.sort(key=lambda c: c.sort_ts, reverse=True)
-    result.candidates += len(out)
-    return out
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def read_report_bytes(path: Path | str, max_bytes: int = MAX_READ_BYTES) -> tuple[bytes, int, float]:
-    """Read at most ``max_bytes`` of a regular file without following a final symlink.
+def read_report_bytes(
+    path: Path | str, max_bytes: int = MAX_READ_BYTES, *, beneath: tuple[int, str] | None = None,
+    expect: tuple[int, int] | None = None, head_check: bool = False,
+) -> tuple[bytes, int, float]:
+    """Read at most ``max_bytes`` of a regular file without following a symlink.
 
-    Returns ``(data, file_size, mtime)``. Raises ``OSError`` (``PermissionError`` included)
+    Returns ``(data, file_size, mtime)``. With ``beneath=(dir_fd, rel)`` the file is opened
+    as ``rel`` under ``dir_fd`` with no symlink followed at any component (``path`` is then
+    only used in messages); with ``expect=(st_dev, st_ino)`` the opened file must be that
+    one (:class:`~metal_guard.forensics.safefs.UnsafePathError` otherwise). With
+    ``head_check``, a file whose first :data:`HEAD_BYTES` look like no report format is not
+    read further (``data`` is then empty). Raises ``OSError`` (``PermissionError`` included)
     and ``ValueError`` for something that is not a regular file.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags)
+    if beneath is not None:
+        fd = open_beneath(beneath[0], beneath[1])
+    else:
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path} is not a regular file")
-        chunks: list[bytes] = []
-        remaining = max(0, int(max_bytes))
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks), st.st_size, st.st_mtime
+        if expect is not None and (st.st_dev, st.st_ino) != tuple(expect):
+            raise UnsafePathError(f"{path} was replaced while the reports were scanned")
+        if not head_check:
+            return read_fd(fd, max_bytes), st.st_size, st.st_mtime
+        head = read_fd(fd, min(HEAD_BYTES, max(0, int(max_bytes))))
+        if not _plausible_head(head):
+            return b"", st.st_size, st.st_mtime
+        return head + read_fd(fd, int(max_bytes) - len(head)), st.st_size, st.st_mtime
     finally:
         os.close(fd)
 
 
 _TEXT_BYTES = bytes([9, 10, 13, *range(32, 127), *range(128, 256)])
+_HEAD_MARKERS = (b"panic(", b"Panic Report", b"Exception Type:", b"Process:",
+                 b"Incident Identifier:", b"Date/Time:")
 
 
 def _looks_binary(data: bytes) -> bool:
@@ -260,6 +132,15 @@ def _looks_binary(data: bytes) -> bool:
         return True
     control = len(head.translate(None, _TEXT_BYTES))  # bytes that are not text
     return control / len(head) > 0.15
+
+
+def _plausible_head(head: bytes) -> bool:
+    """Could a report start like this? (A JSON header, or a text report's usual lines.)"""
+    if _looks_binary(head):
+        return False
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return True
+    return any(marker in head for marker in _HEAD_MARKERS)
 
 
 def parse_report_bytes(
@@ -280,7 +161,7 @@ def parse_report_bytes(
             return None
         truncated = file_size is not None and file_size > len(data)
         return classify_parsed(parsed, path=path or name, mtime=mtime, truncated=truncated)
-    except Exception:  # a parser bug must never take a scan down
+    except Exception:  # a parser bug (or hostile nesting) must never take a scan down
         log.debug("parsing %s failed", path or name, exc_info=True)
         return None
 
@@ -349,6 +230,10 @@ def parse_report_file(path: Path | str, *, max_bytes: int = MAX_READ_BYTES) -> P
 # --------------------------------------------------------------------------- scanning
 
 
+def _read_candidate(cand: Candidate, roots: RootFds, max_bytes: int) -> tuple[bytes, int, float]:
+    return read_report_bytes(cand.path, max_bytes, beneath=(roots.fd(cand), cand.rel),
+                             expect=cand.file_id, head_check=True)
+
 
 def scan_reports(
     dirs: Iterable[Path | str] | None = None,
@@ -360,6 +245,8 @@ def scan_reports(
     max_bytes: int = MAX_READ_BYTES,
     max_panic_files: int = MAX_PANIC_FILES,
     max_crash_files: int = MAX_CRASH_FILES,
+    max_examined_panic_files: int = MAX_EXAMINED_PANIC_FILES,
+    max_examined_crash_files: int = MAX_EXAMINED_CRASH_FILES,
     cache_path: Path | None = None,
 ) -> ScanResult:
     """Scan report directories (default: ``Settings.report_dirs``); newest records first.
@@ -367,8 +254,13 @@ def scan_reports(
     Kernel panics older than ``panic_since_ts`` and crash reports older than
     ``crash_since_ts`` (header time) are dropped. A recent panic report that exists but
     cannot be read is an *error* (the verdict would be blind); unreadable crash reports and
-    junk are only skipped. With ``cache_path``, files whose fingerprint (inode, size, mtime)
-    is unchanged since the last scan are not read again (see :mod:`.scancache`).
+    junk are only skipped. With ``cache_path``, files whose fingerprint (device, inode, size,
+    mtime, ctime) is unchanged since the last scan are not read again (see :mod:`.scancache`).
+
+    Caps: per kind, at most ``max_*_files`` parsed reports (junk does not count) and
+    ``max_examined_*_files`` files looked at (junk included). When a cap stops the scan with
+    panic candidates left, the scan is *incomplete*: ``errors`` says so and the gate answers
+    exit 3 (unless a cooldown is already known), never "proceed".
     """
     if dirs is None:
         from metal_guard.settings import get_settings
@@ -381,45 +273,72 @@ def scan_reports(
         result=result,
     )
     limits = {True: max_panic_files, False: max_crash_files}
+    exam_limits = {True: max_examined_panic_files, False: max_examined_crash_files}
     taken = {True: 0, False: 0}
+    examined = {True: 0, False: 0}
+    left = {True: 0, False: 0}
     records: dict[str, PanicRecord] = {}
     cache = ScanCache.load(cache_path)
-    for cand in candidates:
-        if taken[cand.panic_like] >= limits[cand.panic_like]:
-            result.capped += 1
-            continue
-        taken[cand.panic_like] += 1
-        hit, rec = cache.get(cand.path, cand.fingerprint)
-        if not hit:
-            try:
-                data, size, mtime = read_report_bytes(cand.path, max_bytes)
-            except (OSError, ValueError) as exc:
-                if cand.panic_like and isinstance(exc, PermissionError):
-                    result.errors.append(f"cannot read panic report {cand.path}: permission denied")
-                else:
-                    log.debug("skipping %s: %s", cand.path, exc)
+    roots = RootFds()
+    try:
+        for cand in candidates:
+            k = cand.panic_like
+            if taken[k] >= limits[k] or examined[k] >= exam_limits[k]:
+                left[k] += 1
+                continue
+            examined[k] += 1
+            hit, rec = cache.get(cand.path, cand.fingerprint)
+            if not hit:
+                try:
+                    data, size, mtime = _read_candidate(cand, roots, max_bytes)
+                except FileNotFoundError:  # rotated away (e.g. into Retired/) since the listing
                     result.skipped += 1
+                    continue
+                except (OSError, ValueError) as exc:
+                    if k and isinstance(exc, OSError):
+                        msg = f"cannot read panic report {cand.path}: {exc.strerror or exc}"
+                        if msg not in result.errors:
+                            result.errors.append(msg)
+                    else:
+                        log.debug("skipping %s: %s", cand.path, exc)
+                        result.skipped += 1
+                    continue
+                rec = parse_report_bytes(data, name=cand.name, path=cand.path, mtime=mtime,
+                                         file_size=size) if data else None
+                cache.put(cand.path, cand.fingerprint, rec)
+            if rec is None:
+                result.skipped += 1
                 continue
-            rec = parse_report_bytes(data, name=cand.name, path=cand.path, mtime=mtime, file_size=size)
-            cache.put(cand.path, cand.fingerprint, rec)
-        if rec is None:
-            result.skipped += 1
-            continue
-        if rec.kind == KERNEL_PANIC:
-            if "panic" not in kinds:
+            taken[k] += 1
+            result.sources[rec.path] = cand
+            if rec.kind == KERNEL_PANIC:
+                if "panic" not in kinds:
+                    continue
+                since = panic_since_ts
+            else:
+                if "crash" not in kinds:
+                    continue
+                since = crash_since_ts
+            if since is not None and rec.timestamp < since:
                 continue
-            since = panic_since_ts
-        else:
-            if "crash" not in kinds:
+            if rec.timestamp > now_ts + FUTURE_TOLERANCE_SEC:
+                log.debug("ignoring %s: dated in the future", cand.path)
                 continue
-            since = crash_since_ts
-        if since is not None and rec.timestamp < since:
-            continue
-        if rec.timestamp > now_ts + FUTURE_TOLERANCE_SEC:
-            log.debug("ignoring %s: dated in the future", cand.path)
-            continue
-        records.setdefault(rec.identity, rec)
+            records.setdefault(rec.identity, rec)
+    finally:
+        roots.close()
     cache.save()
+    result.examined = examined[True] + examined[False]
+    for k, what in ((True, "panic"), (False, "crash")):
+        if not left[k]:
+            continue
+        result.capped += left[k]
+        msg = (f"cannot see every {what} report of the window: {left[k]} candidate file(s) left "
+               f"unread after {taken[k]} report(s) in {examined[k]} file(s) (caps "
+               f"{limits[k]} reports / {exam_limits[k]} files); junk or a flood of reports in "
+               + ", ".join(result.dirs))
+        result.incomplete[what] = msg
+        (result.errors if k else result.notes).append(msg)
     result.records = sorted(records.values(), key=lambda r: r.timestamp, reverse=True)
     return result
 
@@ -431,12 +350,16 @@ def parse_panic_reports(
     include_crashes: bool = False,
     gpu_only: bool = False,
     now: datetime | float | None = None,
+    errors: list[str] | None = None,
 ) -> list[PanicRecord]:
     """Parse kernel-panic reports (newest first), GPU and non-GPU alike.
 
     ``directory`` is one directory or a list (default: ``Settings.report_dirs``);
     ``since_ts`` drops older reports; ``include_crashes`` adds ``.ips`` crash reports;
-    ``gpu_only`` keeps only records the classifier marked as GPU.
+    ``gpu_only`` keeps only records the classifier marked as GPU. Why the scan could not see
+    the whole window (see :attr:`ScanResult.errors`) is logged as a warning and, when
+    ``errors`` is a list, appended to it: an empty result with errors means "could not see",
+    not "no panics".
     """
     if directory is None:
         dirs: list[Path | str] | None = None
@@ -449,6 +372,8 @@ def parse_panic_reports(
                           now=now)
     for err in result.errors:
         log.warning("%s", err)
+    if errors is not None:
+        errors.extend(result.errors)
     records = result.records
     if gpu_only:
         records = [r for r in records if r.is_gpu]

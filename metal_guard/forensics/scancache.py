@@ -1,11 +1,13 @@
 """A small cache of parsed reports, so repeated gate runs do not re-read unchanged files.
 
 ``<cache>/report-scan-cache.json`` maps a report's path to its file fingerprint (device,
-inode, size, mtime in ns) and the parsed :class:`PanicRecord` (or ``null`` for junk). A file
-whose fingerprint changed is parsed again; entries for files no longer seen are dropped when
-the cache is saved. The cache is disposable: a missing, corrupt or foreign file (or another
-metal-guard version) just means everything is parsed. It holds no verdicts, only parse
-results, so it can never hide a report: a new report is a new path.
+inode, size, mtime and ctime in ns) and the parsed :class:`PanicRecord` (or ``null`` for junk).
+A file whose fingerprint changed is parsed again (rewriting a file moves its ctime, which no
+unprivileged user can set back); entries for files no longer seen are dropped when the cache
+is saved. The cache is disposable and treated as hostile input: a missing, oversize, linked,
+corrupt or deeply nested file, another metal-guard version, or an entry whose fields have the
+wrong types just means those files are parsed again, and the file is rewritten. It holds no
+verdicts, only parse results, so it can never hide a report: a new report is a new path.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +28,65 @@ log = logging.getLogger("metal_guard.forensics.scancache")
 
 CACHE_FILE = "report-scan-cache.json"
 #: Bump when parsing or classification changes what a record holds.
-FORMAT = f"1:{__version__}"
+FORMAT = f"2:{__version__}"
 MAX_ENTRIES = 5000
+#: A cache file larger than this is not read (it is rebuilt): 5000 entries need ~20 MB.
+MAX_CACHE_BYTES = 32 * 1024 * 1024
 _FIELDS = frozenset(f.name for f in dataclasses.fields(PanicRecord))
+_STR_FIELDS = ("path", "kind", "explanation", "report_id", "timestamp_source", "excerpt")
+_OPT_STR_FIELDS = ("signature", "error_class", "process")
 
 
 def fingerprint(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _read_capped(path: Path) -> bytes:
+    """The cache file's bytes: a regular file, no symlink followed, at most the cap."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_CACHE_BYTES:
+            raise ValueError(f"{st.st_size} bytes is over the {MAX_CACHE_BYTES}-byte cap")
+        chunks: list[bytes] = []
+        remaining = MAX_CACHE_BYTES + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > MAX_CACHE_BYTES:
+            raise ValueError("grew over the cap while being read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def record_from_cache(raw: object, path: str) -> PanicRecord | None:
+    """A :class:`PanicRecord` from a cache entry, or ``None`` unless every field has its type."""
+    if not isinstance(raw, dict) or set(raw) - _FIELDS or raw.get("path") != path:
+        return None
+    ts = raw.get("timestamp")
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        return None
+    if not all(isinstance(raw.get(k, ""), str) for k in _STR_FIELDS):
+        return None
+    if not all(raw.get(k) is None or isinstance(raw.get(k), str) for k in _OPT_STR_FIELDS):
+        return None
+    pid = raw.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+        return None
+    if not isinstance(raw.get("is_gpu", False), bool) or not isinstance(raw.get("extra", {}), dict):
+        return None
+    try:
+        return PanicRecord(**{**raw, "timestamp": float(ts)})
+    except (TypeError, ValueError):
+        return None
 
 
 class ScanCache:
@@ -48,31 +104,32 @@ class ScanCache:
         if path is None:
             return cache
         try:
-            data = json.loads(Path(path).read_bytes())
+            data = json.loads(_read_capped(Path(path)))
         except FileNotFoundError:
             return cache
-        except (OSError, ValueError) as exc:
-            log.debug("ignoring report scan cache %s: %s", path, exc)
+        except (OSError, ValueError, RecursionError, MemoryError) as exc:
+            # RecursionError: hostile nesting ([[[[...); the file is rewritten on save.
+            log.debug("ignoring report scan cache %s: %s: %s", path, type(exc).__name__, exc)
+            cache.dirty = True
             return cache
         if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("entries"), dict):
-            cache.entries = {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
+            cache.entries = {k: v for k, v in data["entries"].items()
+                             if isinstance(k, str) and isinstance(v, dict)}
+        else:
+            cache.dirty = True
         return cache
 
     def get(self, path: str, fp: str) -> tuple[bool, PanicRecord | None]:
         """``(hit, record)``; a hit with ``None`` means "known junk"."""
         self.seen.add(path)
         entry = self.entries.get(path)
-        if entry is None or entry.get("fp") != fp:
+        if entry is None or entry.get("fp") != fp or not isinstance(fp, str):
             return False, None
         raw = entry.get("record")
         if raw is None:
             return True, None
-        if not isinstance(raw, dict) or set(raw) - _FIELDS:
-            return False, None
-        try:
-            return True, PanicRecord(**raw)
-        except (TypeError, ValueError):
-            return False, None
+        record = record_from_cache(raw, path)
+        return (record is not None), record
 
     def put(self, path: str, fp: str, record: PanicRecord | None) -> None:
         self.seen.add(path)
@@ -94,5 +151,5 @@ class ScanCache:
 
             storage.write_text_atomic(self.path, json.dumps({"format": FORMAT, "entries": keep},
                                                             default=str))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.debug("could not save report scan cache %s: %s", self.path, exc)
