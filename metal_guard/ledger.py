@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from metal_guard import backend, storage
+from metal_guard.errors import StateFileError
 from metal_guard.hardware import detect_hardware, process_footprint_bytes
 from metal_guard.modelsize import estimate_model_size
 from metal_guard.settings import Settings, get_settings
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 LEDGER_FILE = "peak_ledger.json"
+log = logging.getLogger("metal_guard.ledger")
 
 
 def ledger_path(settings: Settings | None = None) -> Path:
@@ -70,6 +73,16 @@ def _load_ledger(settings: Settings | None = None) -> dict[str, Any]:
     state: dict[str, Any] = storage.read_json(ledger_path(settings), _fresh_ledger,
                                               validate=_valid_ledger)
     return state
+
+
+def _load_ledger_for_lookup(settings: Settings | None) -> dict[str, Any]:
+    """The ledger for a fit check: an unreadable ledger is reported and left alone (never
+    replaced); the fit check then falls back to the size estimate."""
+    try:
+        return _load_ledger(settings)
+    except StateFileError as exc:
+        log.warning("peak ledger unavailable, using size estimates instead: %s", exc)
+        return _fresh_ledger()
 
 
 def record_peak(model: str | os.PathLike[str], peak_bytes: int, *, quantization: str | None = None,
@@ -113,7 +126,7 @@ def lookup_peak(model: str | os.PathLike[str], *, quantization: str | None = Non
     if not name:
         return None
     mlx, chip = mlx_version or backend.mlx_version(), chip or _chip()
-    matches: list[dict[str, Any]] = [e for e in _load_ledger(settings)["entries"].values()
+    matches: list[dict[str, Any]] = [e for e in _load_ledger_for_lookup(settings)["entries"].values()
                if e.get("model") == name and e.get("mlx_version") == mlx and e.get("chip") == chip
                and (quantization is None or e.get("quantization") in (quantization, None))]
     if not matches:
