@@ -83,7 +83,7 @@ def escape(value: object, *, meta: bool = False) -> str:
     """The escaped form of ``value`` for a breadcrumb line.
 
     One scheme for every field: ``\\`` becomes ``\\\\``; ``|`` and every character that is
-    not printable (all line and paragraph separators, ``\\x0b``, ``\\x0c``, ``\\x1c``–``\\x1e``,
+    not printable (all line and paragraph separators, ``\\x0b``, ``\\x0c``, ``\\x1c`` to ``\\x1e``,
     ``\\x85``, tabs and every other whitespace but the plain space, controls, format
     characters, surrogates) become ``\\xNN`` / ``\\uNNNN`` / ``\\UNNNNNNNN``. In a meta value
     the space and ``"`` are escaped too, so a value is one ``\\S+`` token. A reader that

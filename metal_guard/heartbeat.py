@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from metal_guard.clock import now_ts as _now_ts
-from metal_guard.errors import StateFileError
 from metal_guard.clock import utc_iso as _iso
+from metal_guard.errors import StateFileError
 from metal_guard.settings import settings_or_current as _settings
 
 log = logging.getLogger("metal_guard.heartbeat")

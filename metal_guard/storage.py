@@ -246,7 +246,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 def _open_append(path: Path) -> int:
     """An ``O_APPEND`` descriptor on a regular file of ours at ``path`` (never via a link)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC
     for attempt in range(3):
         try:
             fd = os.open(path, flags, FILE_MODE)

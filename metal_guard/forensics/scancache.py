@@ -26,6 +26,8 @@ CACHE_FILE = "report-scan-cache.json"
 #: Bump when parsing or classification changes what a record holds.
 FORMAT = f"1:{__version__}"
 MAX_ENTRIES = 5000
+#: A larger cache file is ignored (and rebuilt) rather than read.
+MAX_CACHE_BYTES = 32 << 20
 _FIELDS = frozenset(f.name for f in dataclasses.fields(PanicRecord))
 
 
@@ -47,11 +49,14 @@ class ScanCache:
         cache = cls(path)
         if path is None:
             return cache
-        try:
-            data = json.loads(Path(path).read_bytes())
-        except FileNotFoundError:
-            return cache
-        except (OSError, ValueError) as exc:
+        from metal_guard import storage
+
+        try:  # capped, never through a symlink; deep nesting is a ValueError: rebuilt
+            got = storage.read_bytes_capped(Path(path), MAX_CACHE_BYTES, tail=False)
+            if got is None:
+                return cache
+            data = storage.loads_bounded(got[0])
+        except (OSError, ValueError, storage.NotAStateFile) as exc:
             log.debug("ignoring report scan cache %s: %s", path, exc)
             return cache
         if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("entries"), dict):
