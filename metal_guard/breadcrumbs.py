@@ -254,7 +254,8 @@ def read_lines(n: int = 200, *, path: Path | None = None, max_bytes: int = 1 << 
         pieces = chunk.split(b"\n")
         if truncated:
             pieces = pieces[1:]  # cut by the tail read
-        pieces.pop()  # b"" after the final newline, else an unterminated record
+        if pieces:
+            pieces.pop()  # b"" after the final newline, else an unterminated record
         lines.extend(raw.decode("utf-8", "replace") for raw in pieces)
     return list(lines)
 

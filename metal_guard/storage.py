@@ -245,13 +245,19 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def _open_append(path: Path) -> int:
-    """An ``O_APPEND`` descriptor on a regular file of ours at ``path`` (never via a link)."""
+    """An ``O_APPEND`` descriptor on a regular file of ours at ``path`` (never via a link).
+
+    Inside our directories a link, directory, FIFO or hard link at ``path`` is moved aside
+    and a fresh file created; elsewhere (a configured path) it is refused.
+    """
+    ours = _managed_root(Path(os.path.abspath(path)).parent) is not None
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC
     for attempt in range(3):
         try:
             fd = os.open(path, flags, FILE_MODE)
         except OSError as exc:
-            if attempt < 2 and exc.errno in (_errno.ELOOP, _errno.EISDIR, _errno.ENXIO, _errno.EMLINK):
+            if attempt < 2 and ours and exc.errno in (_errno.ELOOP, _errno.EISDIR, _errno.ENXIO,
+                                                      _errno.EMLINK):
                 _quarantine_or_raise(path, f"not a regular file ({exc.strerror})")
                 continue
             raise StateFileError(path, f"cannot open for appending: {exc.strerror or exc}",
@@ -268,6 +274,8 @@ def _open_append(path: Path) -> int:
                     os.fchmod(fd, FILE_MODE)
             return fd
         os.close(fd)
+        if not ours:  # a configured path outside our directories: never moved, never written
+            raise StateFileError(path, f"is {problem}; refusing to append to it")
         if attempt < 2:
             _quarantine_or_raise(path, problem)
     raise StateFileError(path, "keeps being replaced by something that is not a regular file")
@@ -494,7 +502,7 @@ def read_jsonl_counted(path: Path, *, max_bytes: int = MAX_JSONL_BYTES) -> tuple
     pieces = data.split(b"\n")
     if truncated:
         pieces = pieces[1:]  # the first line is cut by the tail read
-    unterminated = pieces.pop()  # b"" when the data ends with a newline
+    unterminated = pieces.pop() if pieces else b""  # b"" when the data ends with a newline
     records: list[Any] = []
     bad = 0
     for raw_line in pieces:
