@@ -114,13 +114,23 @@ def _make_dirs(path: Path) -> None:
 
 
 def _check_private(root: Path, path: Path) -> None:
-    """Every directory from ``root`` down to ``path``: a real directory, ours, mode 0700."""
+    """Every directory from ``root`` down to ``path``: a real directory, ours, mode 0700.
+
+    Checked top-down, and a missing directory is created only once its parent passed, so
+    nothing is ever created through a link.
+    """
     euid = os.geteuid()
     chain = [root, *(p for p in reversed(path.parents) if root in p.parents)]
     if path != root:
         chain.append(path)
     for directory in chain:
-        st = os.lstat(directory)
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, DIR_MODE)
+                os.chmod(directory, DIR_MODE, follow_symlinks=False)
+            st = os.lstat(directory)
         if stat.S_ISLNK(st.st_mode):
             raise StateFileError(directory, "is a symbolic link; metal-guard keeps its state "
                                  "only in a real directory (replace the link with a directory)")
@@ -145,12 +155,15 @@ def ensure_dir(path: Path) -> Path:
     """
     path = Path(os.path.abspath(path))
     try:
-        _make_dirs(path)
         root = _managed_root(path)
-        if root is not None:
+        if root is None:
+            _make_dirs(path)
+            if not path.is_dir():
+                raise StateFileError(path, "is not a directory")
+        else:
+            if not os.path.lexists(root):
+                _make_dirs(root)  # the root and its missing parents (the parents are not ours)
             _check_private(root, path)
-        elif not path.is_dir():
-            raise StateFileError(path, "is not a directory")
     except StateFileError:
         raise
     except OSError as exc:
