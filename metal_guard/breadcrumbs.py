@@ -48,7 +48,7 @@ __all__ = [
 _TAG_RE = re.compile(r"[^A-Z0-9_]")
 _KEY_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 _LINE_RE = re.compile(
-    r"^\[(?P<ts>[^\]]+)\] (?P<tag>[A-Z0-9_]+):(?: (?P<payload>.*?))?(?: \| (?P<meta>.*))?$"
+    r"^\[(?P<ts>[^\]]+)\] (?P<tag>[A-Z0-9_]+):(?: (?!\| )(?P<payload>.*?))?(?: \| (?P<meta>.*))?$"
 )
 _META_RE = re.compile(r"(?P<k>[A-Za-z0-9_.\-]+)=(?P<v>\S*)")
 _UNESCAPE_RE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
