@@ -17,7 +17,15 @@ breadcrumb is only useful if it reached the disk *before* the crash:
 The file lives in the state dir (``<state>/metal_breadcrumb.log``, or
 ``METALGUARD_BREADCRUMB_PATH``), never relative to the working directory. When it grows past
 ``METALGUARD_BREADCRUMB_MAX_BYTES`` it is rotated to ``.1`` (one backup). Writing a breadcrumb
-never raises: a full disk must not turn into an application error.
+never raises: a full disk must not turn into an application error (it logs a warning, once per
+run of failures).
+
+Every field is escaped with :func:`escape` (one scheme for every character any reader may take
+for a line or field break), so a record is exactly one line however the log is split, and
+:func:`parse_line` returns the original text. The reader splits on ``\n`` only and skips an
+unterminated last line; an append that follows a torn line (a crash, a full disk) is preceded
+by :data:`TORN_MARK` so the fragment never parses. Appends go through
+:func:`metal_guard.storage.append_bytes` (``O_NOFOLLOW``, whole records or nothing).
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ _UNESCAPE_RE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
 #: Written before a record that follows a torn (unterminated) line, so that the fragment can
 #: be told apart: no line we write contains this character (it is always escaped).
 TORN_MARK = "\x18"
+_HEAL = (TORN_MARK + "\n").encode()
 _write_lock = threading.Lock()
 _failing = False
 
@@ -154,15 +163,14 @@ def _write(line: str, *, durable: bool, log_path: Path | None) -> bool:
     global _failing
     try:
         from metal_guard.settings import get_settings
-        from metal_guard.storage import append_bytes, ensure_dir
+        from metal_guard.storage import append_bytes
 
         settings = get_settings()
         target = Path(log_path) if log_path is not None else settings.resolved_breadcrumb_path
         data = (line + "\n").encode("utf-8", "replace")
         with _write_lock:
-            ensure_dir(target.parent)
             _rotate_if_needed(target, settings.breadcrumb_max_bytes)
-            append_bytes(target, data, fsync=durable, heal=(TORN_MARK + "\n").encode())
+            append_bytes(target, data, fsync=durable, heal=_HEAL, settings=settings)
         _failing = False
         return True
     except Exception as exc:  # never let forensics break the workload

@@ -4,7 +4,8 @@
 footprint) of a model per (model, quantisation, context, mlx version, chip). Re-recording keeps
 the largest peak seen and counts samples. Fit checks (:mod:`metal_guard.memory`) prefer a ledger
 entry over any estimate. Every write is a locked read-modify-write through :mod:`~metal_guard.storage`;
-a corrupt ledger is quarantined and starts afresh.
+a corrupt ledger is quarantined and starts afresh. An unreadable one is never replaced: a
+record raises :class:`~metal_guard.errors.StateFileError` and a lookup falls back to estimates.
 """
 
 from __future__ import annotations

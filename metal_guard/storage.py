@@ -75,12 +75,14 @@ class NotAStateFile(Exception):
 # --------------------------------------------------------------------------- directories
 
 
-def _managed_root(path: Path) -> Path | None:
+def _managed_root(path: Path, settings: Any = None) -> Path | None:
     """The metal-guard directory (home, state or cache dir) that contains ``path``, if any."""
     try:
-        from metal_guard.settings import get_settings
+        if settings is None:
+            from metal_guard.settings import get_settings
 
-        s = get_settings()
+            settings = get_settings()
+        s = settings
         roots = [s.home] if s.home is not None else [s.state_dir, s.cache_dir]
     except Exception:  # an invalid setting is reported by whoever reads the settings
         return None
@@ -147,15 +149,16 @@ def _check_private(root: Path, path: Path) -> None:
                             stat.S_IMODE(st.st_mode))
 
 
-def ensure_dir(path: Path) -> Path:
+def ensure_dir(path: Path, *, settings: Any = None) -> Path:
     """Create ``path`` and missing parents with mode 0700; return it.
 
     Inside metal-guard's own directories the whole chain is checked (real directories owned
     by this user, group/other bits removed); raises :class:`StateFileError` otherwise.
+    ``settings`` (default: the current ones) say where those directories are.
     """
     path = Path(os.path.abspath(path))
     try:
-        root = _managed_root(path)
+        root = _managed_root(path, settings)
         if root is None:
             _make_dirs(path)
             if not path.is_dir():
@@ -257,13 +260,12 @@ def write_json(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, data)
 
 
-def _open_append(path: Path) -> int:
+def _open_append(path: Path, ours: bool) -> int:
     """An ``O_APPEND`` descriptor on a regular file of ours at ``path`` (never via a link).
 
     Inside our directories a link, directory, FIFO or hard link at ``path`` is moved aside
     and a fresh file created; elsewhere (a configured path) it is refused.
     """
-    ours = _managed_root(Path(os.path.abspath(path)).parent) is not None
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC
     for attempt in range(3):
         try:
@@ -302,7 +304,8 @@ def _undo_partial(fd: int, written: int) -> None:
             os.ftruncate(fd, end - written)
 
 
-def append_bytes(path: Path, data: bytes, *, fsync: bool = True, heal: bytes = b"\n") -> None:
+def append_bytes(path: Path, data: bytes, *, fsync: bool = True, heal: bytes = b"\n",
+                 settings: Any = None) -> None:
     """Append one whole record (``data``, ending in ``\\n``) to ``path``, or raise.
 
     The record goes out in one ``write`` when the disk allows; a short write is completed, and
@@ -310,9 +313,13 @@ def append_bytes(path: Path, data: bytes, *, fsync: bool = True, heal: bytes = b
     If the file does not end with a newline (a torn record of a crashed writer), ``heal`` is
     written first so that this record starts on a line of its own.
     """
-    path = Path(path)
-    ensure_dir(path.parent)
-    fd = _open_append(path)
+    path = Path(os.path.abspath(path))
+    if settings is None:
+        from metal_guard.settings import get_settings
+
+        settings = get_settings()
+    ensure_dir(path.parent, settings=settings)
+    fd = _open_append(path, _managed_root(path.parent, settings) is not None)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
