@@ -87,15 +87,34 @@ def test_a_state_file_under_a_file_is_exit_4(tmp_path: Path, metalguard_home: Pa
     assert (metalguard_home / "state").read_text() == "not a directory"
 
 
-def test_unreadable_ledger_is_not_used_and_not_replaced(caplog: pytest.LogCaptureFixture) -> None:
-    """A fit check falls back to estimates (with a warning); a record refuses to overwrite."""
+LEDGER_LOOKUP = """
+import json, logging
+from metal_guard.errors import StateFileError
+from metal_guard.ledger import lookup_peak, record_peak
+logging.basicConfig(level=logging.WARNING)
+found = lookup_peak("org/m", mlx_version="v", chip="c")
+try:
+    record_peak("org/m", 1, quantization="4bit", mlx_version="v", chip="c")
+    recorded = "ok"
+except StateFileError:
+    recorded = "StateFileError"
+print(json.dumps([found, recorded]))
+"""
+
+
+def test_an_unreadable_ledger_is_not_used_for_fit_checks_and_not_replaced(
+        tmp_path: Path, metalguard_home: Path) -> None:
     from metal_guard.ledger import ledger_path, lookup_peak, record_peak
 
     record_peak("org/m", 123, quantization="4bit", mlx_version="v", chip="c")
+    assert lookup_peak("org/m", mlx_version="v", chip="c")["peak_bytes"] == 123
     path = ledger_path()
     before = path.read_bytes()
-    path.rename(path.with_suffix(".moved"))
-    path.mkdir()  # replaced by a directory: corrupt, quarantined -> fresh
-    assert lookup_peak("org/m", mlx_version="v", chip="c") is None
-    assert list(path.parent.glob("peak_ledger.json.corrupt-*"))
-    assert json.loads(before)["entries"]
+    os.chmod(path, 0)
+    env = user_env(tmp_path, metalguard_home)
+    done = run_no_dac([sys.executable, "-c", LEDGER_LOOKUP], env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [None, "StateFileError"]
+    assert "peak ledger unavailable" in done.stderr  # the fit check says it fell back
+    os.chmod(path, 0o600)
+    assert path.read_bytes() == before
