@@ -25,7 +25,7 @@ from typing import Any
 
 log = logging.getLogger("metal_guard.forensics.orphans")
 
-__all__ = ["OrphanPre", "kill_orphans", "scan_orphan_subproc_pre"]
+__all__ = ["OrphanPre", "kill_orphans", "scan_orphan_subproc_pre", "worker_identity_problem"]
 
 #: Breadcrumb lines examined (the tail of the log).
 TAIL_LINES = 2000
