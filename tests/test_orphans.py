@@ -115,6 +115,9 @@ def fake_worker() -> Iterator[subprocess.Popen[bytes]]:
     """A sleeping process whose command line is that of an isolation worker of model "m"."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m",
                              "metal_guard.isolation.worker", "--config", '{"model_id": "m"}'])
+    deadline = time.monotonic() + 10  # /proc/<pid>/cmdline can lag right after exec
+    while "--config" not in psutil.Process(proc.pid).cmdline() and time.monotonic() < deadline:
+        time.sleep(0.01)
     yield proc
     if proc.poll() is None:
         proc.kill()

@@ -4,7 +4,9 @@ log line names it — and the seed's ``ready, pid=N`` line still lends its pid t
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +49,16 @@ def bystander() -> Iterator[subprocess.Popen[bytes]]:
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=10)
+
+
+def _started(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Wait until the kernel has set up the new program's argv (right after ``fork``+``exec``
+    the parent can run before ``/proc/<pid>/cmdline`` shows it)."""
+    deadline = time.monotonic() + 10
+    while "--config" not in psutil.Process(proc.pid).cmdline():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return proc
 
 
 def _orphan(proc_pid: int, model: str = "m") -> OrphanPre:
@@ -93,23 +105,26 @@ def test_another_users_worker_lookalike_is_never_signalled() -> None:
     with other_user() as user:
         proc = subprocess.Popen([setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
                                  "--clear-groups", "/bin/sh", "-c", "sleep 300; :", "-m",
-                                 "metal_guard.isolation.worker", "--config", '{"model_id": "m"}'])
+                                 "metal_guard.isolation.worker", "--config", '{"model_id": "m"}'],
+                                start_new_session=True)  # its own group: sh and its sleep
         try:
             deadline = time.monotonic() + 10
             while psutil.Process(proc.pid).uids().real != user.pw_uid:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
+            _started(proc)
             [result] = kill_orphans([_orphan(proc.pid)], grace_sec=0.5)
             assert result["action"] == f"skipped: process runs as uid {user.pw_uid}, not as this user"
             assert proc.poll() is None
         finally:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the group we started, so the user can go
             proc.wait(timeout=10)
 
 
 def test_a_worker_of_another_model_is_not_signalled() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "-m",
-                             "metal_guard.isolation.worker", "--config", '{"model_id": "other"}'])
+    proc = _started(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "-m",
+                                      "metal_guard.isolation.worker", "--config",
+                                      '{"model_id": "other"}']))
     try:
         [result] = kill_orphans([_orphan(proc.pid, "m")], grace_sec=0.5)
         assert result["action"] == "skipped: a metal-guard worker of another model"
