@@ -33,6 +33,7 @@ _export(
     "ModelDoesNotFitError",
     "PanicCooldownActive",
     "SettingsError",
+    "StateFileError",
     "SubprocessCrashError",
     "SubprocessTimeoutError",
     "WorkerError",

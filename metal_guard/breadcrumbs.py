@@ -17,7 +17,15 @@ breadcrumb is only useful if it reached the disk *before* the crash:
 The file lives in the state dir (``<state>/metal_breadcrumb.log``, or
 ``METALGUARD_BREADCRUMB_PATH``), never relative to the working directory. When it grows past
 ``METALGUARD_BREADCRUMB_MAX_BYTES`` it is rotated to ``.1`` (one backup). Writing a breadcrumb
-never raises: a full disk must not turn into an application error.
+never raises: a full disk must not turn into an application error (it logs a warning, once per
+run of failures).
+
+Every field is escaped with :func:`escape` (one scheme for every character any reader may take
+for a line or field break), so a record is exactly one line however the log is split, and
+:func:`parse_line` returns the original text. The reader splits on ``\n`` only and skips an
+unterminated last line; an append that follows a torn line (a crash, a full disk) is preceded
+by :data:`TORN_MARK` so the fragment never parses. Appends go through
+:func:`metal_guard.storage.append_bytes` (``O_NOFOLLOW``, whole records or nothing).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,11 +54,18 @@ __all__ = [
 ]
 
 _TAG_RE = re.compile(r"[^A-Z0-9_]")
+_KEY_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 _LINE_RE = re.compile(
-    r"^\[(?P<ts>[^\]]+)\] (?P<tag>[A-Z0-9_]+):(?: (?P<payload>.*?))?(?: \| (?P<meta>.*))?$"
+    r"^\[(?P<ts>[^\]]+)\] (?P<tag>[A-Z0-9_]+):(?: (?!\| )(?P<payload>.*?))?(?: \| (?P<meta>.*))?$"
 )
 _META_RE = re.compile(r"(?P<k>[A-Za-z0-9_.\-]+)=(?P<v>\S*)")
+_UNESCAPE_RE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
+#: Written before a record that follows a torn (unterminated) line, so that the fragment can
+#: be told apart: no line we write contains this character (it is always escaped).
+TORN_MARK = "\x18"
+_HEAL = (TORN_MARK + "\n").encode()
 _write_lock = threading.Lock()
+_failing = False
 
 
 @dataclass(frozen=True)
@@ -63,35 +79,80 @@ class Breadcrumb:
     raw: str = ""
 
 
-def _clean(value: object) -> str:
-    text = str(value).replace("\n", " ").replace("\r", " ").replace("|", "/")
-    return text
+def _hex(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape(value: object, *, meta: bool = False) -> str:
+    """The escaped form of ``value`` for a breadcrumb line.
+
+    One scheme for every field: ``\\`` becomes ``\\\\``; ``|`` and every character that is
+    not printable (all line and paragraph separators, ``\\x0b``, ``\\x0c``, ``\\x1c`` to ``\\x1e``,
+    ``\\x85``, tabs and every other whitespace but the plain space, controls, format
+    characters, surrogates) become ``\\xNN`` / ``\\uNNNN`` / ``\\UNNNNNNNN``. In a meta value
+    the space and ``"`` are escaped too, so a value is one ``\\S+`` token. A reader that
+    splits on any of those characters therefore sees exactly the lines we wrote.
+    """
+    text = str(value)
+    out: list[str] = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "|" or not ch.isprintable() or (meta and ch in ' "'):
+            out.append(_hex(ch))
+        else:
+            out.append(ch)
+    if not meta and out:  # keep edge spaces through the reader's strip()
+        if out[0] == " ":
+            out[0] = "\\x20"
+        if out[-1] == " ":
+            out[-1] = "\\x20"
+    return "".join(out)
+
+
+def unescape(text: str) -> str:
+    """Invert :func:`escape` (a backslash not starting an escape is kept as it is)."""
+    def repl(match: re.Match[str]) -> str:
+        body = match.group(1)
+        return "\\" if body == "\\" else chr(int(body[1:], 16))
+
+    return _UNESCAPE_RE.sub(repl, text)
 
 
 def _meta_value(value: object) -> str:
-    text = _clean(value).replace(" ", "_")
+    text = escape(value, meta=True)
     return text if text else '""'
 
 
+def _meta_key(key: object) -> str:
+    return _KEY_RE.sub("_", str(key)) or "_"
+
+
 def format_line(tag: str, payload: str = "", *, now: datetime | None = None, **meta: Any) -> str:
-    """Render one breadcrumb line (without the newline)."""
+    """Render one breadcrumb line (without the newline); fields are :func:`escape`\\ d."""
     ts = (now or datetime.now(UTC)).astimezone(UTC).isoformat()
     tag = _TAG_RE.sub("_", str(tag).upper()) or "NOTE"
     line = f"[{ts}] {tag}:"
-    payload = _clean(payload).strip()
+    payload = escape(payload)
     if payload:
         line += f" {payload}"
     if meta:
-        line += " | " + " ".join(f"{k}={_meta_value(meta[k])}" for k in sorted(meta))
+        line += " | " + " ".join(f"{_meta_key(k)}={_meta_value(meta[k])}" for k in sorted(meta))
     return line
 
 
 def _rotate_if_needed(path: Path, max_bytes: int) -> None:
     try:
-        if path.stat().st_size < max_bytes:
-            return
+        st = os.lstat(path)
     except FileNotFoundError:
         return
+    if not stat.S_ISREG(st.st_mode) or st.st_size < max_bytes:
+        return  # a link or other foreign file is dealt with by the append
     try:
         os.replace(path, path.with_name(path.name + ".1"))
     except OSError as exc:
@@ -99,26 +160,25 @@ def _rotate_if_needed(path: Path, max_bytes: int) -> None:
 
 
 def _write(line: str, *, durable: bool, log_path: Path | None) -> bool:
+    global _failing
     try:
         from metal_guard.settings import get_settings
-        from metal_guard.storage import FILE_MODE, ensure_dir
+        from metal_guard.storage import append_bytes
 
         settings = get_settings()
         target = Path(log_path) if log_path is not None else settings.resolved_breadcrumb_path
         data = (line + "\n").encode("utf-8", "replace")
         with _write_lock:
-            ensure_dir(target.parent)
             _rotate_if_needed(target, settings.breadcrumb_max_bytes)
-            fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-            try:
-                os.write(fd, data)
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_bytes(target, data, fsync=durable, heal=_HEAL, settings=settings)
+        _failing = False
         return True
     except Exception as exc:  # never let forensics break the workload
-        log.debug("breadcrumb write failed: %s", exc)
+        if not _failing:  # loud once per run of failures, then quiet until a write succeeds
+            log.warning("breadcrumb not written (forensic log incomplete): %s", exc)
+        else:
+            log.debug("breadcrumb write failed: %s", exc)
+        _failing = True
         return False
 
 
@@ -160,7 +220,10 @@ def parse_line(line: str) -> Breadcrumb | None:
     Accepts lines we write (ISO timestamps) and the seed's legacy local-time form
     ``[YYYY-MM-DD HH:MM:SS]`` (read as local time).
     """
-    match = _LINE_RE.match(line.rstrip("\r\n"))
+    line = line.rstrip("\n")
+    if TORN_MARK in line:
+        return None  # a fragment of a record torn by a full disk or a crash
+    match = _LINE_RE.match(line)
     if not match:
         return None
     ts_text = match.group("ts")
@@ -171,39 +234,45 @@ def parse_line(line: str) -> Breadcrumb | None:
     except (ValueError, OverflowError, OSError):
         return None
     meta_text = match.group("meta") or ""
-    meta = {m.group("k"): m.group("v") for m in _META_RE.finditer(meta_text)}
+    meta = {m.group("k"): "" if m.group("v") == '""' else unescape(m.group("v"))
+            for m in _META_RE.finditer(meta_text)}
     payload = (match.group("payload") or "").strip()
     if meta_text and not meta:
         payload = f"{payload} | {meta_text}".strip(" |")
-    return Breadcrumb(ts=ts, tag=match.group("tag"), payload=payload, meta=meta, raw=line.rstrip("\n"))
+    return Breadcrumb(ts=ts, tag=match.group("tag"), payload=unescape(payload), meta=meta, raw=line)
 
 
 def read_lines(n: int = 200, *, path: Path | None = None, max_bytes: int = 1 << 20) -> list[str]:
-    """The last ``n`` raw lines of the log (reading at most ``max_bytes`` from its end).
+    """The last ``n`` complete raw lines of the log (reading at most ``max_bytes`` of each file).
 
-    Includes the rotated ``.1`` file when the current one is shorter than ``n`` lines.
+    Includes the rotated ``.1`` file when the current one is shorter than ``n`` lines. Lines
+    are split on ``\n`` only (never on the other characters ``str.splitlines`` treats as
+    line breaks), and an unterminated last line (a record being written, or torn) is left
+    out. A symlink or non-regular file is skipped with a warning, never followed; a log that
+    exists but cannot be read raises :class:`~metal_guard.errors.StateFileError`.
     """
     if n <= 0:
         return []
     from metal_guard.settings import get_settings
+    from metal_guard.storage import NotAStateFile, read_bytes_capped
 
     target = Path(path) if path is not None else get_settings().resolved_breadcrumb_path
     lines: deque[str] = deque(maxlen=n)
     for candidate in (target.with_name(target.name + ".1"), target):
         try:
-            with candidate.open("rb") as fh:
-                size = fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, size - max_bytes))
-                if size > max_bytes:
-                    fh.readline()
-                chunk = fh.read()
-        except (FileNotFoundError, IsADirectoryError):
+            got = read_bytes_capped(candidate, max_bytes, tail=True)
+        except NotAStateFile as exc:
+            log.warning("not reading breadcrumbs from %s: it %s", candidate, exc)
             continue
-        except OSError as exc:
-            log.debug("cannot read breadcrumbs from %s: %s", candidate, exc)
+        if got is None:
             continue
-        for raw in chunk.decode("utf-8", "replace").splitlines():
-            lines.append(raw)
+        chunk, truncated = got
+        pieces = chunk.split(b"\n")
+        if truncated:
+            pieces = pieces[1:]  # cut by the tail read
+        if pieces:
+            pieces.pop()  # b"" after the final newline, else an unterminated record
+        lines.extend(raw.decode("utf-8", "replace") for raw in pieces)
     return list(lines)
 
 

@@ -18,7 +18,6 @@ it no longer count. State is persisted in ``<state>/breaker.json``.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -85,20 +84,15 @@ def _default_archive() -> Path:
 
 
 def _load_archive(path: Path) -> tuple[list[PanicRecord], int]:
+    """The archive's records (its last :data:`ARCHIVE_MAX_BYTES`) and how many complete lines
+    are not records. Raises :class:`~metal_guard.errors.StateFileError` when it cannot be read."""
+    lines, skipped = storage.read_jsonl_counted(path, max_bytes=ARCHIVE_MAX_BYTES)
     records: list[PanicRecord] = []
-    skipped = 0
-    for line in storage.read_jsonl(path, max_bytes=ARCHIVE_MAX_BYTES):
+    for line in lines:
         try:
             records.append(PanicRecord.from_dict(line))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             skipped += 1
-    if path.exists():
-        # read_jsonl drops lines that are not JSON at all; count them as junk too.
-        with contextlib.suppress(OSError):
-            size = path.stat().st_size
-            if size <= ARCHIVE_MAX_BYTES:
-                lines = sum(1 for raw in path.read_bytes().splitlines() if raw.strip())
-                skipped = max(skipped, lines - len(records))
     return records, skipped
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "ModelDoesNotFitError",
     "PanicCooldownActive",
     "SettingsError",
+    "StateFileError",
     "SubprocessCrashError",
     "SubprocessTimeoutError",
     "WorkerError",
@@ -48,6 +49,25 @@ class SettingsError(MetalGuardError, ValueError):
         self.value = value
         self.accepted = accepted
         super().__init__(f"invalid value {value!r} for {variable}: expected {accepted}")
+
+
+class StateFileError(MetalGuardError, OSError):
+    """A state file or directory cannot be read or written safely.
+
+    Raised instead of pretending the state is fresh: an unreadable breaker, cadence, sentinel
+    or ledger file is a failed check, and it is never overwritten. ``path`` names the file and
+    ``reason`` says what is wrong (``errno`` is set when an OS error caused it). The CLI exits 4.
+    """
+
+    def __init__(self, path: object, reason: str, *, errno: int | None = None) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"state file {self.path}: {reason}")
+        self.errno = errno  # type: ignore[misc]
+        self.filename = self.path  # type: ignore[misc]
+
+    def __str__(self) -> str:
+        return f"state file {self.path}: {self.reason}"
 
 
 class MetalOOMError(MetalGuardError, MemoryError, RuntimeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 import sys
 import threading
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from typing import Any
 
 from metal_guard.clock import now_ts as _now_ts
 from metal_guard.clock import utc_iso as _iso
+from metal_guard.errors import StateFileError
 from metal_guard.settings import settings_or_current as _settings
 
 log = logging.getLogger("metal_guard.heartbeat")
@@ -33,6 +35,8 @@ HEARTBEAT_DIR = "heartbeats"
 HEARTBEAT_STALE_SEC = 300.0
 #: :func:`publish_memory` writes at most once per this many seconds per process (unless forced).
 PUBLISH_MIN_INTERVAL_SEC = 1.0
+#: A heartbeat file larger than this is corrupt (ours are well under 10 KiB).
+HEARTBEAT_MAX_BYTES = 64 << 10
 _MEM_KEYS = ("active_bytes", "peak_bytes", "cache_bytes", "limit_bytes", "footprint_bytes",
              "system_total_bytes", "system_available_bytes")
 _publish_lock = threading.Lock()
@@ -173,14 +177,25 @@ def read_published_memory(
     now_ts = _now_ts(now)
     out: list[dict[str, Any]] = []
     try:
+        if stat.S_ISLNK(os.lstat(directory).st_mode):
+            raise StateFileError(directory, "is a symbolic link; heartbeats are not read through it")
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
         return []
+    except StateFileError:
+        raise
+    except OSError as exc:
+        raise StateFileError(directory, f"cannot list heartbeats: {exc.strerror or exc}",
+                             errno=exc.errno) from exc
     for name in names[:1000]:
         if not name.endswith(".json") or not name[:-5].isdigit():
             continue
         path = directory / name
-        record: dict[str, Any] = storage.read_json(path, dict)
+        try:
+            record: dict[str, Any] = storage.read_json(path, dict, max_bytes=HEARTBEAT_MAX_BYTES)
+        except StateFileError as exc:
+            log.warning("skipping a heartbeat that cannot be read: %s", exc)
+            continue
         pid = record.get("pid")
         if not isinstance(pid, int) or pid <= 0 or str(pid) != name[:-5]:
             continue

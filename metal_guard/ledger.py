@@ -4,13 +4,15 @@
 footprint) of a model per (model, quantisation, context, mlx version, chip). Re-recording keeps
 the largest peak seen and counts samples. Fit checks (:mod:`metal_guard.memory`) prefer a ledger
 entry over any estimate. Every write is a locked read-modify-write through :mod:`~metal_guard.storage`;
-a corrupt ledger is quarantined and starts afresh.
+a corrupt ledger is quarantined and starts afresh. An unreadable one is never replaced: a
+record raises :class:`~metal_guard.errors.StateFileError` and a lookup falls back to estimates.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from metal_guard import backend, storage
+from metal_guard.errors import StateFileError
 from metal_guard.hardware import detect_hardware, process_footprint_bytes
 from metal_guard.modelsize import estimate_model_size
 from metal_guard.settings import Settings, get_settings
@@ -35,6 +38,7 @@ __all__ = [
 ]
 
 LEDGER_FILE = "peak_ledger.json"
+log = logging.getLogger("metal_guard.ledger")
 
 
 def ledger_path(settings: Settings | None = None) -> Path:
@@ -70,6 +74,16 @@ def _load_ledger(settings: Settings | None = None) -> dict[str, Any]:
     state: dict[str, Any] = storage.read_json(ledger_path(settings), _fresh_ledger,
                                               validate=_valid_ledger)
     return state
+
+
+def _load_ledger_for_lookup(settings: Settings | None) -> dict[str, Any]:
+    """The ledger for a fit check: an unreadable ledger is reported and left alone (never
+    replaced); the fit check then falls back to the size estimate."""
+    try:
+        return _load_ledger(settings)
+    except StateFileError as exc:
+        log.warning("peak ledger unavailable, using size estimates instead: %s", exc)
+        return _fresh_ledger()
 
 
 def record_peak(model: str | os.PathLike[str], peak_bytes: int, *, quantization: str | None = None,
@@ -113,7 +127,7 @@ def lookup_peak(model: str | os.PathLike[str], *, quantization: str | None = Non
     if not name:
         return None
     mlx, chip = mlx_version or backend.mlx_version(), chip or _chip()
-    matches: list[dict[str, Any]] = [e for e in _load_ledger(settings)["entries"].values()
+    matches: list[dict[str, Any]] = [e for e in _load_ledger_for_lookup(settings)["entries"].values()
                if e.get("model") == name and e.get("mlx_version") == mlx and e.get("chip") == chip
                and (quantization is None or e.get("quantization") in (quantization, None))]
     if not matches:

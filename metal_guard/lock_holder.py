@@ -123,7 +123,11 @@ def _valid_sidecar(obj: Any) -> bool:
 def read_sidecar(path: Path) -> dict[str, Any] | None:
     """The sidecar's claim, or None. A corrupt or foreign sidecar is quarantined."""
     sidecar = lock_sidecar_path(path)
-    data = storage.read_json(sidecar, lambda: None, expect=dict, validate=_valid_sidecar)
+    try:
+        data = storage.read_json(sidecar, lambda: None, expect=dict, validate=_valid_sidecar)
+    except OSError as exc:  # e.g. another user's 0600 sidecar: an unverifiable claim
+        log.debug("cannot read lock sidecar %s: %s", sidecar, exc)
+        return None
     return data if isinstance(data, dict) else None
 
 

@@ -148,6 +148,33 @@ def _check_replaceable(dest: Path) -> None:
             )
 
 
+def _make_private(tree: Path) -> None:
+    """Files 0600 and directories 0700 under ``tree`` (tokenizer and weight writers use the
+    umask, which would leave 0644 files)."""
+    for root, dirs, files in os.walk(tree):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), storage.DIR_MODE, follow_symlinks=False)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, storage.FILE_MODE)
+    os.chmod(tree, storage.DIR_MODE)
+
+
+def _sweep_leftovers(dest: Path) -> None:
+    """Remove staging (``.<name>.building-*``) and replaced (``.<name>.old-*``) directories a
+    killed builder left next to ``dest``. Called under the build lock, so none is in use."""
+    prefixes = (f".{dest.name}.building-", f".{dest.name}.old-")
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(prefixes) and entry.is_dir(follow_symlinks=False):
+            log.info("removing a tiny-model build left over by a killed builder: %s", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def _publish(tmp: Path, dest: Path) -> None:
     """Rename a finished staging directory to ``dest`` (caller holds the build lock)."""
     _check_replaceable(dest)
@@ -180,11 +207,13 @@ def _build_into(
         if reuse and is_tiny_model(dest, spec):  # built by someone else while we waited
             return dest
         _check_replaceable(dest)  # fail before spending time on a build
+        _sweep_leftovers(dest)
         with _staging(dest) as tmp:
             files = writer(tmp, spec)
             marker = {"format_version": FORMAT_VERSION, "kind": kind, "spec": spec,
                       "files": sorted(files)}
             _write_json(tmp / MARKER_NAME, marker)  # last: its presence means "complete"
+            _make_private(tmp)
             _publish(tmp, dest)
     log.info("built tiny %s model at %s (%d weight bytes)", kind, dest, weight_bytes(dest))
     return dest
@@ -468,6 +497,7 @@ def write_tiny_image(dest: Path | str, *, size: int = 64, seed: int = 0) -> Path
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         img.save(tmp, format="PNG")
+        os.chmod(tmp, storage.FILE_MODE)
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(OSError):

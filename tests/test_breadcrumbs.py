@@ -13,12 +13,13 @@ from metal_guard.settings import get_settings
 def test_line_format_and_parse_roundtrip() -> None:
     now = datetime(2026, 11, 25, 19, 7, 39, 123456, tzinfo=UTC)
     line = breadcrumbs.format_line("subproc_pre", "mlx-community/x | y", now=now, pid=42, b="two words")
-    assert line == "[2026-11-25T19:07:39.123456+00:00] SUBPROC_PRE: mlx-community/x / y | b=two_words pid=42"
+    assert line == ("[2026-11-25T19:07:39.123456+00:00] SUBPROC_PRE: mlx-community/x \\x7c y"
+                    " | b=two\\x20words pid=42")
     parsed = breadcrumbs.parse_line(line)
     assert parsed is not None
     assert parsed.ts == now and parsed.tag == "SUBPROC_PRE"
-    assert parsed.payload == "mlx-community/x / y"
-    assert parsed.meta == {"b": "two_words", "pid": "42"}
+    assert parsed.payload == "mlx-community/x | y"
+    assert parsed.meta == {"b": "two words", "pid": "42"}
 
 
 def test_legacy_seed_lines_parse() -> None:

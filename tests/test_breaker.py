@@ -229,7 +229,8 @@ def test_ingest_skips_junk_records_and_lines(tmp_path, caplog):
 def test_check_repairs_a_torn_archive_once(breaker, caplog):
     breaker.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
     good = json.dumps(gpu_panic(T0 - 5, 1).to_dict())
-    breaker.jsonl_path.write_text(good + "\n" + good[: len(good) // 2])
+    # a record torn by a crash, then healed onto its own line by the next append
+    breaker.jsonl_path.write_text(good[: len(good) // 2] + "\n" + good + "\n")
     with caplog.at_level("WARNING"):
         assert breaker.status()["recent_panic_count"] == 1  # status() is read-only
         assert not list(breaker.jsonl_path.parent.glob("panics.jsonl.corrupt-*"))
@@ -238,6 +239,15 @@ def test_check_repairs_a_torn_archive_once(breaker, caplog):
     assert len(list(breaker.jsonl_path.parent.glob("panics.jsonl.corrupt-*"))) == 1
     assert sum("moved to" in r.getMessage() for r in caplog.records) == 1
     assert len(read_panic_archive(breaker.jsonl_path)) == 1
+
+
+def test_an_unterminated_last_record_is_skipped_not_repaired(breaker):
+    # it may be an append in progress: skipped by readers, never counted as corruption
+    breaker.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+    good = json.dumps(gpu_panic(T0 - 5, 1).to_dict())
+    breaker.jsonl_path.write_text(good + "\n" + good[: len(good) // 2])
+    assert breaker.check()["recent_panic_count"] == 1
+    assert not list(breaker.jsonl_path.parent.glob("panics.jsonl.corrupt-*"))
 
 
 def test_ingest_without_a_report_parser_is_harmless(tmp_path, monkeypatch):

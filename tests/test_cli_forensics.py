@@ -154,7 +154,10 @@ def test_orphan_scan_codes(rdir: Path) -> None:
 def test_orphan_scan_kill_end_to_end(rdir: Path) -> None:
     import psutil
 
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    # --kill signals only what is verifiably a metal-guard worker of the model: this sleeper
+    # carries a worker's command line
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m",
+                               "metal_guard.isolation.worker", "--config", '{"model_id": "m"}'])
     try:
         ct = psutil.Process(worker.pid).create_time()
         path = get_settings().resolved_breadcrumb_path

@@ -110,7 +110,35 @@ def test_reused_pid_is_gone(sleeper: subprocess.Popen[bytes]) -> None:
     assert orphan.status == GONE
 
 
-def test_kill_only_signals_a_matching_create_time(sleeper: subprocess.Popen[bytes]) -> None:
+@pytest.fixture
+def fake_worker() -> Iterator[subprocess.Popen[bytes]]:
+    """A sleeping process whose command line is that of an isolation worker of model "m"."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m",
+                             "metal_guard.isolation.worker", "--config", '{"model_id": "m"}'])
+    deadline = time.monotonic() + 10  # /proc/<pid>/cmdline can lag right after exec
+    while "--config" not in psutil.Process(proc.pid).cmdline() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+def test_kill_only_signals_a_matching_create_time(fake_worker: subprocess.Popen[bytes],
+                                                  sleeper: subprocess.Popen[bytes]) -> None:
+    # the right create_time is not enough: a process that is not a worker is never signalled
+    ct_other = psutil.Process(sleeper.pid).create_time()
+    now = time.time()
+    write_crumbs([format_line("SUBPROC_PRE", "m", now=_at(now - 150), pid=sleeper.pid,
+                              create_time=ct_other)])
+    [not_worker] = scan_orphan_subproc_pre(now=now)
+    assert not_worker.status == RUNNING
+    [result] = kill_orphans([not_worker])
+    assert result["action"] == "skipped: not a metal-guard worker (command line)"
+    assert sleeper.poll() is None
+    get_settings().resolved_breadcrumb_path.unlink()
+
+    sleeper = fake_worker
     ct = psutil.Process(sleeper.pid).create_time()
     now = time.time()
     write_crumbs([format_line("SUBPROCESS_WORKER", "m ready", now=_at(now - 200), pid=sleeper.pid,

@@ -158,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # state files, directories, a full disk: documented as exit 4
+        print(f"metal-guard: I/O error: {exc}"[:2000], file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:
         logging.getLogger("metal_guard.cli").debug("internal error", exc_info=True)
         print(f"metal-guard: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -10,9 +10,20 @@ Nothing here initialises the GPU or ingests reports implicitly, except ``breaker
 from __future__ import annotations
 
 import argparse
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
-from metal_guard.cli import EXIT_COOLDOWN, EXIT_GATE_BROKEN, EXIT_OK, EXIT_WARN, add_command, emit
+from metal_guard.cli import (
+    EXIT_COOLDOWN,
+    EXIT_FAILED,
+    EXIT_GATE_BROKEN,
+    EXIT_OK,
+    EXIT_WARN,
+    add_command,
+    emit,
+)
 
 
 def _lock_summary(holder: dict[str, Any] | None) -> str:
@@ -27,29 +38,44 @@ def _lock_summary(holder: dict[str, Any] | None) -> str:
 
 
 def doctor_section() -> dict[str, Any]:
-    """Lock holder (or None), breaker status and cadence entry count; read-only."""
+    """Lock holder (or None), breaker status and cadence entry count; read-only.
+
+    A state file that cannot be read is reported as such (``"unreadable: ..."``), never as
+    fresh state.
+    """
     from metal_guard.breaker import CircuitBreaker
     from metal_guard.cadence import CadenceGuard
+    from metal_guard.errors import StateFileError
     from metal_guard.lock import read_mlx_lock
+    from metal_guard.settings import get_settings
 
     holder = read_mlx_lock()
-    breaker = CircuitBreaker(auto_ingest=False).status()
-    cadence = CadenceGuard()
-    return {
-        "lock": _lock_summary(holder),
+    problem = lock_probe_problem(get_settings().resolved_lock_path) if holder is None else None
+    out: dict[str, Any] = {
+        "lock": f"unknown: {problem}" if problem else _lock_summary(holder),
         "lock_holder": holder,
-        "breaker": _breaker_summary(breaker),
-        "breaker_in_cooldown": breaker["in_cooldown"],
-        "breaker_cooldown_until": breaker["cooldown_until"],
-        "breaker_recent_failures": breaker["recent_failure_count"],
-        "cadence_entries": len(cadence.entries()),
-        "cadence": (
-            ("risk-scaled" if cadence.min_interval_sec is None else f"{cadence.min_interval_sec:g}s")
-            + " between loads of one model, "
-            f"{cadence.cross_model_interval_sec:g}s between models (gemma-4 floor 90s); "
-            "`metal-guard cadence` lists and resets entries"
-        ),
     }
+    try:
+        breaker = CircuitBreaker(auto_ingest=False).status()
+        out.update(breaker=_breaker_summary(breaker), breaker_in_cooldown=breaker["in_cooldown"],
+                   breaker_cooldown_until=breaker["cooldown_until"],
+                   breaker_recent_failures=breaker["recent_failure_count"])
+    except StateFileError as exc:
+        out.update(breaker=f"unreadable: {exc}", breaker_in_cooldown=None,
+                   breaker_cooldown_until=None, breaker_recent_failures=None)
+    cadence = CadenceGuard()
+    try:
+        out["cadence_entries"] = len(cadence.entries())
+    except StateFileError as exc:
+        out["cadence_entries"] = None
+        out["cadence_error"] = f"unreadable: {exc}"
+    out["cadence"] = (
+        ("risk-scaled" if cadence.min_interval_sec is None else f"{cadence.min_interval_sec:g}s")
+        + " between loads of one model, "
+        f"{cadence.cross_model_interval_sec:g}s between models (gemma-4 floor 90s); "
+        "`metal-guard cadence` lists and resets entries"
+    )
+    return out
 
 
 def _breaker_summary(status: dict[str, Any]) -> str:
@@ -67,10 +93,39 @@ def _breaker_summary(status: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- subcommands
 
 
+def lock_probe_problem(path: Path) -> str | None:
+    """Why the lock file at ``path`` cannot be probed or taken (``None`` when it can, or is
+    absent): not a regular file, or not openable."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot check {path}: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}"
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        return f"cannot open {path}: {exc.strerror or exc}"
+    os.close(fd)
+    return None
+
+
 def _run_lock(args: argparse.Namespace) -> int:
     from metal_guard.lock import read_mlx_lock
+    from metal_guard.settings import get_settings
 
+    path = get_settings().resolved_lock_path
     holder = read_mlx_lock()
+    problem = lock_probe_problem(path) if holder is None else None
+    if problem is not None:
+        # Never "free" when the probe could not tell: say so, and fail (exit 4).
+        emit(args, {"held": None, "holder": None, "error": problem, "lock_path": str(path)},
+             f"MLX lock: unknown: {problem}")
+        return EXIT_FAILED
     emit(args, {"held": holder is not None, "holder": holder}, f"MLX lock: {_lock_summary(holder)}")
     return EXIT_OK
 

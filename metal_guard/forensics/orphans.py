@@ -11,7 +11,9 @@ current ``create_time`` matches the recorded one (so a reused pid is never hit).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import signal
 import time
@@ -23,13 +25,15 @@ from typing import Any
 
 log = logging.getLogger("metal_guard.forensics.orphans")
 
-__all__ = ["OrphanPre", "kill_orphans", "scan_orphan_subproc_pre"]
+__all__ = ["OrphanPre", "kill_orphans", "scan_orphan_subproc_pre", "worker_identity_problem"]
 
 #: Breadcrumb lines examined (the tail of the log).
 TAIL_LINES = 2000
 #: create_time values recorded by the worker and read back by psutil agree to this many seconds.
 CREATE_TIME_TOLERANCE_SEC = 0.05
-_LEGACY_READY_RE = re.compile(r"^(?P<model>.+?) ready(?:,\s*pid=(?P<pid>\d+))?$")
+_LEGACY_READY_RE = re.compile(r"^(?P<model>.+?) ready(?:,\s*pid=(?P<pid>\d+))?$", re.DOTALL)
+#: The module every isolation worker runs (``python -m <module>``).
+WORKER_MODULE = "metal_guard.isolation.worker"
 
 RUNNING, GONE, UNKNOWN = "running", "gone", "unknown"
 
@@ -95,6 +99,7 @@ def pair_breadcrumbs(lines: list[str]) -> list[tuple[str, float, int | None, flo
 
     open_pre: dict[str, deque[tuple[float, int | None]]] = {}
     identity: dict[int, float | None] = {}  # pid -> create_time from ready lines
+    ready_pid: dict[str, int] = {}  # model -> pid of its latest ready worker
     for raw in lines:
         try:
             crumb = parse_line(raw)
@@ -109,11 +114,14 @@ def pair_breadcrumbs(lines: list[str]) -> list[tuple[str, float, int | None, flo
                 pid = _int(crumb.meta.get("pid")) or _int(match.group("pid"))
                 if pid is not None:
                     identity[pid] = _float(crumb.meta.get("create_time"))
+                    ready_pid[match.group("model").strip()] = pid
             continue
         if crumb.tag not in ("SUBPROC_PRE", "SUBPROC_POST"):
             continue
-        model = crumb.payload.split(" | ")[0].strip() or "?"
+        model = crumb.payload.strip() or "?"
         pid = _int(crumb.meta.get("pid"))
+        if pid is None and crumb.tag == "SUBPROC_PRE":
+            pid = ready_pid.get(model)  # the seed's PRE names no pid: its model's worker
         queue = open_pre.setdefault(model, deque())
         if crumb.tag == "SUBPROC_PRE":
             queue.append((ts, pid))
@@ -167,11 +175,38 @@ def scan_orphan_subproc_pre(
     return orphans
 
 
+def worker_identity_problem(proc: Any, model_id: str, create_time: float | None) -> str | None:
+    """Why ``proc`` is *not* verifiably the metal-guard worker of ``model_id`` started at
+    ``create_time`` (``None`` when it is): same create_time, same user as us, and the command
+    line of an isolation worker whose config names that model."""
+    if create_time is None:
+        return "no recorded create_time to verify"
+    if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE_SEC:
+        return "pid now belongs to another process"
+    if proc.uids().real != os.getuid():
+        return f"process runs as uid {proc.uids().real}, not as this user"
+    cmdline = [str(a) for a in proc.cmdline()]
+    try:
+        at = cmdline.index(WORKER_MODULE, 1, 5)
+    except ValueError:
+        return "not a metal-guard worker (command line)"
+    if cmdline[at - 1] != "-m" or "--config" not in cmdline[at + 1:]:
+        return "not a metal-guard worker (command line)"
+    try:
+        config = json.loads(cmdline[cmdline.index("--config", at + 1) + 1])
+    except (IndexError, ValueError, RecursionError):
+        return "not a metal-guard worker (unreadable --config)"
+    if not isinstance(config, dict) or config.get("model_id") != model_id:
+        return "a metal-guard worker of another model"
+    return None
+
+
 def kill_orphans(
     orphans: list[OrphanPre], *, grace_sec: float = 5.0, dry_run: bool = False
 ) -> list[dict[str, Any]]:
-    """SIGTERM (then SIGKILL after ``grace_sec``) each running orphan whose pid still has the
-    ``create_time`` the worker recorded. Orphans without a recorded create_time are skipped."""
+    """SIGTERM (then SIGKILL after ``grace_sec``) each running orphan that is verifiably a
+    metal-guard worker of this user for its model (:func:`worker_identity_problem`): the pid a
+    breadcrumb names is never trusted on its own. Anything else is skipped with the reason."""
     import psutil
 
     results: list[dict[str, Any]] = []
@@ -183,13 +218,14 @@ def kill_orphans(
             continue
         try:
             proc = psutil.Process(orphan.pid)
-            if abs(proc.create_time() - orphan.create_time) > CREATE_TIME_TOLERANCE_SEC:
-                entry["action"] = "skipped: pid now belongs to another process"
+            problem = worker_identity_problem(proc, orphan.model_id, orphan.create_time)
+            if problem is not None:
+                entry["action"] = f"skipped: {problem}"
                 continue
             if dry_run:
                 entry["action"] = "would terminate"
                 continue
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # psutil refuses if the pid was reused meanwhile
             if _wait_gone(proc, grace_sec):
                 entry["action"] = "terminated"
             else:
@@ -197,7 +233,10 @@ def kill_orphans(
                 entry["action"] = "killed" if _wait_gone(proc, 5.0) else "failed: still running after SIGKILL"
         except psutil.NoSuchProcess:
             entry["action"] = "skipped: process already gone"
-        except Exception as exc:  # AccessDenied, timeouts
+        except psutil.AccessDenied:
+            entry["action"] = "skipped: cannot inspect the process (access denied)"
+            continue
+        except Exception as exc:  # timeouts
             entry["action"] = f"failed: {type(exc).__name__}: {exc}"
             continue
         _crumb_kill(orphan, entry["action"])

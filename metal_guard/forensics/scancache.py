@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ CACHE_FILE = "report-scan-cache.json"
 FORMAT = f"2:{__version__}"
 MAX_ENTRIES = 5000
 #: A cache file larger than this is not read (it is rebuilt): 5000 entries need ~20 MB.
-MAX_CACHE_BYTES = 32 * 1024 * 1024
+MAX_CACHE_BYTES = 32 << 20
 _FIELDS = frozenset(f.name for f in dataclasses.fields(PanicRecord))
 _STR_FIELDS = ("path", "kind", "explanation", "report_id", "timestamp_source", "excerpt")
 _OPT_STR_FIELDS = ("signature", "error_class", "process")
@@ -39,32 +38,6 @@ _OPT_STR_FIELDS = ("signature", "error_class", "process")
 
 def fingerprint(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-
-
-def _read_capped(path: Path) -> bytes:
-    """The cache file's bytes: a regular file, no symlink followed, at most the cap."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > MAX_CACHE_BYTES:
-            raise ValueError(f"{st.st_size} bytes is over the {MAX_CACHE_BYTES}-byte cap")
-        chunks: list[bytes] = []
-        remaining = MAX_CACHE_BYTES + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > MAX_CACHE_BYTES:
-            raise ValueError("grew over the cap while being read")
-        return data
-    finally:
-        os.close(fd)
 
 
 def record_from_cache(raw: object, path: str) -> PanicRecord | None:
@@ -103,12 +76,15 @@ class ScanCache:
         cache = cls(path)
         if path is None:
             return cache
-        try:
-            data = json.loads(_read_capped(Path(path)))
-        except FileNotFoundError:
-            return cache
-        except (OSError, ValueError, RecursionError, MemoryError) as exc:
-            # RecursionError: hostile nesting ([[[[...); the file is rewritten on save.
+        from metal_guard import storage
+
+        try:  # capped, never through a symlink; deep nesting is a ValueError: rebuilt
+            got = storage.read_bytes_capped(Path(path), MAX_CACHE_BYTES, tail=False)
+            if got is None:
+                return cache
+            data = storage.loads_bounded(got[0])
+        except (OSError, ValueError, RecursionError, MemoryError, storage.NotAStateFile) as exc:
+            # Hostile nesting, junk, a link or an oversize file: the cache is rewritten on save.
             log.debug("ignoring report scan cache %s: %s: %s", path, type(exc).__name__, exc)
             cache.dirty = True
             return cache

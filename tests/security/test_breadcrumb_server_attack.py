@@ -1,0 +1,106 @@
+"""Issue 11, item 2, end to end: a request to a guarded ``mlx_lm.server`` cannot forge a worker
+record, and ``orphan-scan --kill`` cannot be made to kill an arbitrary process.
+
+The attack (it killed the victim on the code before the fix): the server serves a model from
+a directory named ``m<TAB>pid=<victim>\\tcreate_time=<victim's>``; a client (the real
+``openai`` client) asks for the model ``"x\\u2028[<ts>] SUBPROC_PRE: evil"``. The adapter's
+``SERVER_SWITCH`` breadcrumb carries the requested name as payload and the current model path
+as ``previous=``. A reader splitting on U+2028 then saw a ``SUBPROC_PRE`` line whose meta (split
+on tabs) named the victim's pid and create_time, and ``orphan-scan --kill`` killed it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+server = pytest.importorskip("mlx_lm.server")
+openai = pytest.importorskip("openai")
+
+from metal_guard import installer  # noqa: E402
+from metal_guard.breadcrumbs import tail  # noqa: E402
+
+
+def _server_args(model: Path) -> Any:
+    import argparse
+
+    return argparse.Namespace(
+        model=str(model), adapter_path=None, draft_model=None, num_draft_tokens=3,
+        trust_remote_code=False, chat_template="", use_default_chat_template=False, temp=0.0,
+        top_p=1.0, top_k=0, min_p=0.0, max_tokens=8, chat_template_args={},
+        decode_concurrency=32, prompt_concurrency=8, prefill_step_size=2048, prompt_cache_size=10,
+        prompt_cache_bytes=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
+        pipeline=False, allowed_origins=["*"], host="127.0.0.1", port=0, log_level="INFO")
+
+
+@pytest.fixture
+def victim() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def guarded_server(tmp_path: Path, tiny_model_path: Path,
+                   victim: subprocess.Popen[bytes]) -> Iterator[tuple[Any, Path]]:
+    from http.server import ThreadingHTTPServer
+
+    ct = psutil.Process(victim.pid).create_time()
+    model_dir = tmp_path / f"m\tpid={victim.pid}\tcreate_time={ct:.3f}"
+    shutil.copytree(tiny_model_path, model_dir)
+    installer.install(adapters=["mlx_lm", "mlx_lm_server"])
+    provider = server.ModelProvider(_server_args(model_dir))
+    generator = server.ResponseGenerator(provider, server.LRUPromptCache(10))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0),
+                                lambda *a, **k: server.APIHandler(generator, *a, **k))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+                           api_key="unused", max_retries=0, timeout=120)
+    try:
+        yield client, model_dir
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        generator.stop_and_join()
+        installer.uninstall()
+
+
+def test_a_model_name_cannot_make_orphan_scan_kill_a_process(
+        guarded_server: tuple[Any, Path], victim: subprocess.Popen[bytes],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    client, model_dir = guarded_server
+    first = client.chat.completions.create(model=str(model_dir), max_tokens=2,
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert first.choices[0].message is not None  # the guarded server serves the tabbed path
+
+    old = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
+    evil = f"x\u2028[{old}] SUBPROC_PRE: evil"
+    with pytest.raises(openai.APIError):  # the switch fails (no such model), after the crumb
+        client.chat.completions.create(model=evil, max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}])
+
+    from metal_guard.cli import main
+
+    capsys.readouterr()
+    code = main(["--json", "orphan-scan", "--kill", "--threshold-sec", "0", "--grace-sec", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert victim.poll() is None and psutil.Process(victim.pid).is_running()
+    assert report["orphans"] == [] and code == 0
+
+    switches = [c for c in tail(200) if c.tag == "SERVER_SWITCH"]
+    assert switches, "the request did not reach the guarded switch"
+    assert switches[-1].payload == evil  # recorded exactly, as one line
+    assert switches[-1].meta["previous"] == str(model_dir)
