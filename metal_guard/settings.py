@@ -223,6 +223,8 @@ VARIABLES: tuple[_Var, ...] = (
     # Integration
     _Var("METALGUARD_AUTOLOAD", "autoload", parse_bool, False,
          "Zero-code activation: the shipped .pth boot module calls install() only when this is 1."),
+    _Var("METALGUARD_ANNOUNCE", "announce", parse_bool, False,
+         "Write one stderr line when the first adapter patches (version, pid, what is guarded). `metal-guard run` sets it; `run -q` clears it."),
     _Var("METALGUARD_ADAPTERS", "adapters", parse_names, None,
          "Comma-separated adapters to enable (default: all of mlx_lm, mlx_lm_server, mlx_vlm, langchain)."),
     _Var("METALGUARD_DISABLED_ADAPTERS", "disabled_adapters", parse_names, frozenset(),
@@ -293,6 +295,7 @@ class Settings:
     worker_test_faults: bool = False
     process_mode: str | None = None
     autoload: bool = False
+    announce: bool = False
     adapters: frozenset[str] | None = None
     disabled_adapters: frozenset[str] = field(default_factory=frozenset)
     strict: bool = False
