@@ -58,6 +58,8 @@ class AdapterInfo:
     triggers: tuple[str, ...]
     packages: tuple[str, ...]
     summary: str = ""
+    #: What this adapter knowingly does not guard (shown by ``adapter_report()`` and doctor).
+    limitations: tuple[str, ...] = ()
 
 
 #: The adapters metal-guard ships. Add a row (or call :func:`register_adapter`) for a new one.
@@ -71,6 +73,13 @@ REGISTRY: dict[str, AdapterInfo] = {
         AdapterInfo("mlx_vlm", "metal_guard.adapters.mlx_vlm",
                     ("mlx_vlm.utils", "mlx_vlm.generate.dispatch"), ("mlx_vlm",),
                     "mlx_vlm load / generate / stream_generate"),
+        AdapterInfo("mlx_vlm_server", "metal_guard.adapters.mlx_vlm_server",
+                    ("mlx_vlm.server.generation", "mlx_vlm.server.app"), ("mlx_vlm",),
+                    "mlx_vlm.server status routes, 503 on OOM (non-streaming)",
+                    ("SSE streams: an OOM after the first byte keeps mlx_vlm's own error event (no 503)",
+                     "the continuous-batching generation thread is not supervised or restarted",
+                     "model switches are guarded by the mlx_vlm load policy, without a switch-time "
+                     "cadence wait")),
         AdapterInfo("langchain", "metal_guard.adapters.langchain",
                     ("langchain_community.llms.mlx_pipeline", "langchain_community.chat_models.mlx",
                      "langchain_core.callbacks.manager"),
@@ -223,12 +232,14 @@ def adapter_report() -> dict[str, Any]:
             if ad is None:
                 out["adapters"][name] = {"state": DISABLED, "reason": "not installed" if state is None
                                          else "registered after install()", "sites": [],
-                                         "missing": [], "aliases": [], "summary": info.summary}
+                                         "missing": [], "aliases": [], "summary": info.summary,
+                                         "limitations": list(info.limitations)}
                 continue
             out["adapters"][name] = {
                 "state": ad.state, "reason": ad.reason, "sites": sorted(ad.sites),
                 "missing": list(ad.missing), "aliases": list(ad.aliases),
                 "imported": sorted(ad.modules), "summary": info.summary,
+                "limitations": list(info.limitations),
             }
         return out
 

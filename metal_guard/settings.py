@@ -226,7 +226,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("METALGUARD_ANNOUNCE", "announce", parse_bool, False,
          "Write one stderr line when the first adapter patches (version, pid, what is guarded). `metal-guard run` sets it; `run -q` clears it."),
     _Var("METALGUARD_ADAPTERS", "adapters", parse_names, None,
-         "Comma-separated adapters to enable (default: all of mlx_lm, mlx_lm_server, mlx_vlm, langchain)."),
+         "Comma-separated adapters to enable (default: all of mlx_lm, mlx_lm_server, mlx_vlm, mlx_vlm_server, langchain)."),
     _Var("METALGUARD_DISABLED_ADAPTERS", "disabled_adapters", parse_names, frozenset(),
          "Comma-separated adapters to disable (`*` = all)."),
     _Var("METALGUARD_STRICT", "strict", parse_bool, False,
