@@ -37,6 +37,9 @@ def _mg_probe():
         main = sys.modules["__main__"]
         out = {n: count_guards(getattr(main, n)) for n in ("generate", "stream_generate", "load")
                if hasattr(main, n)}
+        lm = sys.modules.get("mlx_lm.generate")
+        if lm is not None:
+            out["lm_generate"] = count_guards(lm.generate)
         dispatch = sys.modules.get("mlx_vlm.generate.dispatch")
         if dispatch is not None:
             out["vlm_stream_generate"] = count_guards(dispatch.stream_generate)
@@ -118,7 +121,7 @@ def test_bin_dir_script_runs_in_a_non_activated_venv_and_q_silences(venv: Venv, 
                  "--model", str(tiny_model_path), "--prompt", "hi", "--max-tokens", "2"],
                 _env(tmp_path, probe_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]  # was 127: the script is only in venv/bin
-    assert _probe(proc.stderr)["generate"] == 1
+    assert _probe(proc.stderr)["lm_generate"] == 1
     assert not _announced(proc.stderr) and "UNGUARDED" not in proc.stderr
 
 

@@ -18,6 +18,13 @@ what                                            how
                                                 ``Retry-After`` and ``{"error", "type",
                                                 "retry_after_sec"}`` when that original error is
                                                 a Metal OOM or a metal-guard refusal
+``ResponseGenerator._run`` (its generation      the thread clears its MLX streams on its way
+thread, a daemon)                               out; at interpreter exit the live generators
+                                                are stopped (``stop_and_join``) so the thread
+                                                ends normally — mlx_vlm's lifespan never stops
+                                                it, and a daemon thread that used MLX and is
+                                                ended by interpreter shutdown aborts the
+                                                process (rc 134), guarded or not
 ``ResponseGenerator._make_sampler``             test-only fault injection
                                                 (``METALGUARD_TEST_SERVER_OOM_EVERY``)
 ==============================================  ================================================
@@ -33,8 +40,10 @@ request).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -51,6 +60,10 @@ METRICS_ROUTE = "/metal-guard/metrics"
 _lock = threading.Lock()
 _counters = {"responses_503_total": 0, "samplers_made": 0}
 _installed: dict[int, dict[str, Any]] = {}  # id(app) -> what we added, for on_unpatched
+_generators: weakref.WeakSet[Any] = weakref.WeakSet()
+_atexit_registered = False
+#: At interpreter exit, how long to wait for each live generation thread to finish.
+EXIT_JOIN_SEC = 10.0
 
 
 def limitations() -> list[str]:
@@ -189,6 +202,31 @@ def on_unpatched() -> None:
     _installed.clear()
 
 
+def _generation_thread(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``ResponseGenerator._run``: remember the generator, clear the thread's streams at its end."""
+    from metal_guard.threads import clearing_streams
+
+    global _atexit_registered
+    _generators.add(generator)
+    with _lock:
+        if not _atexit_registered:
+            _atexit_registered = True
+            atexit.register(_stop_generators)
+    return clearing_streams(wrapped)(*args, **kwargs)
+
+
+def _stop_generators() -> None:
+    """atexit: end every live generation thread normally (it clears its streams on the way)."""
+    for generator in list(_generators):
+        stop = getattr(generator, "stop_and_join", None)
+        if stop is None:
+            continue
+        try:
+            stop(timeout=EXIT_JOIN_SEC)
+        except Exception as exc:
+            log.debug("stopping an mlx_vlm generation thread failed: %s", exc)
+
+
 def _fault_sampler(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Test-only: with ``METALGUARD_TEST_SERVER_OOM_EVERY=N`` every N-th request's sampler
     raises MLX's Metal OOM error from inside the generation step."""
@@ -208,6 +246,8 @@ def _fault_sampler(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
 
 
 TARGETS: tuple[Target, ...] = (
+    Target(GENERATION_MODULE, "ResponseGenerator._run", "step", wrapper=_generation_thread,
+           required=False),
     Target(GENERATION_MODULE, "ResponseGenerator._make_sampler", "step", wrapper=_fault_sampler,
            required=False),
 )
