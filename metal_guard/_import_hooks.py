@@ -215,14 +215,14 @@ def _runpy_patch() -> None:
                     "not guarded")
         return
     _runpy_original = original
-    runpy._run_code = _run_code
+    setattr(runpy, "_run_code", _run_code)  # noqa: B010 - a private name mypy does not know
 
 
 def _runpy_unpatch() -> None:
     global _runpy_original
     runpy = sys.modules.get("runpy")
     if runpy is not None and getattr(runpy, "_run_code", None) is _run_code and _runpy_original:
-        runpy._run_code = _runpy_original
+        setattr(runpy, "_run_code", _runpy_original)  # noqa: B010
         _runpy_original = None
     # else: another tool wrapped ours; ours stays below it, inert while nothing is watched
 
@@ -234,11 +234,13 @@ def _run_code(code: Any, run_globals: dict[str, Any], init_globals: Any = None,
     if original is None:  # pragma: no cover - unpatched while a call was starting
         import runpy
 
-        original = runpy._run_code
+        original = getattr(runpy, "_run_code")  # noqa: B009
+        if original is _run_code:
+            raise RuntimeError("metal-guard: runpy._run_code lost its original")
     name = getattr(mod_spec, "name", None)
     with _lock:
         watched = isinstance(name, str) and name in _hooks
-    if not watched:
+    if not watched or not isinstance(name, str):
         return original(code, run_globals, init_globals, mod_name, mod_spec, *args, **kwargs)
     loader = getattr(mod_spec, "loader", None)
     if isinstance(loader, _ChainedLoader):  # found through our finder: the module never sees it

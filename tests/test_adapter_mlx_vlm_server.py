@@ -85,5 +85,5 @@ def test_uninstall_removes_the_routes() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALGUARD_")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    before, after, handlers = proc.stdout.split()
+    before, after, _handlers = proc.stdout.split()
     assert (before, after) == ("True", "False")

@@ -35,7 +35,7 @@ def test_python_of_reads_the_shebang(tmp_path: Path) -> None:
     script = tmp_path / "tool"
     script.write_text("#!/opt/venv/bin/python3.12\nprint()\n")
     assert run_cmd.python_of(str(script), "") == "/opt/venv/bin/python3.12"
-    script.write_text(f"#!/usr/bin/env -S python3 -u\n")
+    script.write_text("#!/usr/bin/env -S python3 -u\n")
     assert run_cmd.python_of(str(script), os.path.dirname(sys.executable)) == \
         os.path.join(os.path.dirname(sys.executable), "python3")
     script.write_text("#!/bin/bash\necho\n")

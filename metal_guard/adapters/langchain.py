@@ -154,7 +154,7 @@ async def _pinned_astream(wrapped: Any, instance: Any, args: tuple[Any, ...],
         if not finished.is_set():
             try:
                 await asyncio.wait_for(asyncio.shield(exited), PUMP_EXIT_WAIT_SEC)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("the LangChain stream thread did not finish within %.0f s",
                             PUMP_EXIT_WAIT_SEC)
 
