@@ -26,6 +26,7 @@ __all__ = [
     "MemoryCounters",
     "backend_name",
     "clear_cache",
+    "clear_streams",
     "core",
     "device_info",
     "get_memory_limit",
@@ -179,6 +180,27 @@ def clear_cache(*, load: bool = False) -> bool:
     if mx is None:
         return False
     mx.clear_cache()
+    return True
+
+
+def clear_streams() -> bool:
+    """Destroy the MLX streams the *calling thread* created (``mx.clear_streams()``, MLX >= 0.32).
+
+    A thread that used MLX must call this before it ends: on MLX 0.32 its thread-local streams
+    are otherwise torn down at thread exit without the GIL, and the process can abort with
+    ``terminate called without an active exception``. Never imports MLX (a thread of a process
+    that never imported it has no streams); a no-op returning False when MLX is not loaded or
+    has no ``clear_streams``. Never raises: it runs at thread exit, where nobody can handle it.
+    """
+    mx = loaded_core()
+    fn = getattr(mx, "clear_streams", None) if mx is not None else None
+    if fn is None:
+        return False
+    try:
+        fn()
+    except Exception as exc:
+        log.debug("mx.clear_streams() failed: %s", exc)
+        return False
     return True
 
 

@@ -58,6 +58,8 @@ class AdapterInfo:
     triggers: tuple[str, ...]
     packages: tuple[str, ...]
     summary: str = ""
+    #: What this adapter knowingly does not guard (shown by ``adapter_report()`` and doctor).
+    limitations: tuple[str, ...] = ()
 
 
 #: The adapters metal-guard ships. Add a row (or call :func:`register_adapter`) for a new one.
@@ -71,6 +73,13 @@ REGISTRY: dict[str, AdapterInfo] = {
         AdapterInfo("mlx_vlm", "metal_guard.adapters.mlx_vlm",
                     ("mlx_vlm.utils", "mlx_vlm.generate.dispatch"), ("mlx_vlm",),
                     "mlx_vlm load / generate / stream_generate"),
+        AdapterInfo("mlx_vlm_server", "metal_guard.adapters.mlx_vlm_server",
+                    ("mlx_vlm.server.generation", "mlx_vlm.server.app"), ("mlx_vlm",),
+                    "mlx_vlm.server status routes, 503 on OOM (non-streaming)",
+                    ("SSE streams: an OOM after the first byte keeps mlx_vlm's own error event (no 503)",
+                     "the continuous-batching generation thread is not supervised or restarted",
+                     "model switches are guarded by the mlx_vlm load policy, without a switch-time "
+                     "cadence wait")),
         AdapterInfo("langchain", "metal_guard.adapters.langchain",
                     ("langchain_community.llms.mlx_pipeline", "langchain_community.chat_models.mlx",
                      "langchain_core.callbacks.manager"),
@@ -122,6 +131,7 @@ _state: _State | None = None
 _generation = 0
 _last_skip: str = ""
 _fork_registered = False
+_announced = False  # the METALGUARD_ANNOUNCE line was written (once per process)
 
 
 def _register_fork_handlers() -> None:
@@ -222,12 +232,14 @@ def adapter_report() -> dict[str, Any]:
             if ad is None:
                 out["adapters"][name] = {"state": DISABLED, "reason": "not installed" if state is None
                                          else "registered after install()", "sites": [],
-                                         "missing": [], "aliases": [], "summary": info.summary}
+                                         "missing": [], "aliases": [], "summary": info.summary,
+                                         "limitations": list(info.limitations)}
                 continue
             out["adapters"][name] = {
                 "state": ad.state, "reason": ad.reason, "sites": sorted(ad.sites),
                 "missing": list(ad.missing), "aliases": list(ad.aliases),
                 "imported": sorted(ad.modules), "summary": info.summary,
+                "limitations": list(info.limitations),
             }
         return out
 
@@ -341,11 +353,12 @@ def _on_import(name: str, gen: int, module: ModuleType) -> None:
         ad = _state.adapters[name]
         strict = bool(_state.settings.strict)
         rebind = bool(_state.settings.rebind_aliases)
-        ad.modules.add(module.__name__)
+        defined_as = _import_hooks.module_name(module)  # "mlx_lm.server" also when run as __main__
+        ad.modules.add(defined_as if defined_as == module.__name__ else f"{defined_as} (as __main__)")
         fresh: dict[int, tuple[Any, Any]] = {}
         missing: list[str] = []
         for target in getattr(adapter, "TARGETS", ()):
-            if target.module != module.__name__:
+            if target.module != defined_as:
                 continue
             try:
                 guard, created = wrap_site(module, target, generation=gen)
@@ -374,6 +387,38 @@ def _on_import(name: str, gen: int, module: ModuleType) -> None:
         log.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     _call_adapter_hook(info, "on_patched", module)
+    _announce(name, gen)
+
+
+def announce_line(name: str, report: dict[str, Any], pid: int | None = None) -> str:
+    """The one line ``METALGUARD_ANNOUNCE=1`` writes when adapter ``name`` is the first to patch."""
+    from metal_guard._version import __version__
+
+    entry = report["adapters"][name]
+    armed = [n for n, a in report["adapters"].items()
+             if n != name and a["state"] not in (DISABLED, FAILED)]
+    state = "" if entry["state"] == PATCHED else f" ({entry['state']}: {entry['reason']})"
+    line = (f"metal-guard {__version__} (pid {os.getpid() if pid is None else pid}): guarding "
+            f"{name}{state} - {entry['summary']}")
+    if armed:
+        line += "; also armed: " + ", ".join(armed)
+    return line + " [silence: metal-guard run -q / METALGUARD_ANNOUNCE=0]"
+
+
+def _announce(name: str, gen: int) -> None:
+    global _announced
+    with _lock:
+        if _announced or not _current(gen):
+            return
+        assert _state is not None
+        if not _state.settings.announce or _state.adapters[name].state not in (PATCHED, DEGRADED):
+            return
+        _announced = True
+    try:
+        sys.stderr.write(announce_line(name, adapter_report()) + "\n")
+        sys.stderr.flush()
+    except Exception:  # a closed stderr must not break the import being hooked
+        pass
 
 
 def _fail(name: str, gen: int, reason: str, exc: BaseException) -> None:

@@ -246,8 +246,10 @@ VARIABLES: tuple[_Var, ...] = (
     # Integration
     _Var("METALGUARD_AUTOLOAD", "autoload", parse_bool, False,
          "Zero-code activation: the shipped .pth boot module calls install() only when this is 1."),
+    _Var("METALGUARD_ANNOUNCE", "announce", parse_bool, False,
+         "Write one stderr line when the first adapter patches (version, pid, what is guarded). `metal-guard run` sets it; `run -q` clears it."),
     _Var("METALGUARD_ADAPTERS", "adapters", parse_names, None,
-         "Comma-separated adapters to enable (default: all of mlx_lm, mlx_lm_server, mlx_vlm, langchain)."),
+         "Comma-separated adapters to enable (default: all of mlx_lm, mlx_lm_server, mlx_vlm, mlx_vlm_server, langchain)."),
     _Var("METALGUARD_DISABLED_ADAPTERS", "disabled_adapters", parse_names, frozenset(),
          "Comma-separated adapters to disable (`*` = all)."),
     _Var("METALGUARD_STRICT", "strict", parse_bool, False,
@@ -322,6 +324,7 @@ class Settings:
     worker_test_faults: bool = False
     process_mode: str | None = None
     autoload: bool = False
+    announce: bool = False
     adapters: frozenset[str] | None = None
     disabled_adapters: frozenset[str] = field(default_factory=frozenset)
     strict: bool = False

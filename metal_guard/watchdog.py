@@ -26,6 +26,7 @@ from typing import Any
 from metal_guard import backend
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.settings import Settings, get_settings
+from metal_guard.threads import clearing_streams
 
 log = logging.getLogger("metal_guard.watchdog")
 
@@ -134,7 +135,7 @@ class Scheduler:
                 old.join(5.0)
             self._stale = [t for t in self._stale if t.is_alive()]
             self._stop_event = threading.Event()
-            self._thread = threading.Thread(target=self._loop, args=(self._stop_event,),
+            self._thread = threading.Thread(target=clearing_streams(self._loop), args=(self._stop_event,),
                                             name=self.name, daemon=True)
             self._thread.start()
             return True

@@ -77,7 +77,7 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> object:
     built once per session and shared by the modules that test the installed package."""
     from test_autoload import build_wheel_venv
 
-    return build_wheel_venv(tmp_path_factory)
+    return build_wheel_venv(tmp_path_factory.mktemp("wheel-venv"))
 
 
 @pytest.fixture

@@ -61,14 +61,8 @@ class Venv:
         return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="module")
-def venv(wheel_venv: Venv) -> Venv:
-    """The session's wheel venv (``wheel_venv`` in conftest.py, built by the function below)."""
-    return wheel_venv
-
-
-def build_wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
-    base = tmp_path_factory.mktemp("autoload-wheel")
+def build_wheel_venv(base: Path) -> Venv:
+    """Build the wheel from the working tree and install it into a fresh venv under ``base``."""
     build = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-w", str(base / "dist"), "-q"]
     try:
         import hatchling  # noqa: F401
@@ -87,6 +81,12 @@ def build_wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     assert proc.returncode == 0, proc.stderr
     (env.site / "zz_dev_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return env
+
+
+@pytest.fixture(scope="module")
+def venv(wheel_venv: Venv) -> Venv:
+    """The session's wheel venv (``wheel_venv`` in conftest.py, built by the function above)."""
+    return wheel_venv
 
 
 MODULES = """

@@ -27,6 +27,11 @@ The wrapper chosen for a site depends on the wrapped object: a plain call, a gen
 per resumption — nothing is held across a ``yield``; ``send``/``throw``/``close`` and the return
 value pass through), a coroutine function or an async generator. Only the outermost guarded
 call of a policy family applies it (a ContextVar bit mask), so ``generate`` → ``stream_generate`` is guarded once.
+
+Thread hygiene: every guarded call (each resumption, for generators) on a thread other than the
+main one registers, once per thread, the clearing of that thread's MLX streams at its exit
+(:func:`metal_guard.threads.clear_streams_at_thread_exit`), so a LangChain executor, a user pool
+or ``asyncio.to_thread`` never aborts the process at exit.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import wrapt
 
 from metal_guard import policy as _policy
 from metal_guard.policy import GUARDED, OVERRIDES, CallInfo, GuardPolicy
+from metal_guard.threads import clear_streams_at_thread_exit as _thread_hygiene
 
 log = logging.getLogger("metal_guard.adapters")
 
@@ -139,6 +145,7 @@ def _drive(gen: Generator[Any, Any, Any], pol: GuardPolicy, info: Callable[[], C
     value: Any = None
     try:
         while True:
+            _thread_hygiene()  # a generator may be resumed on another thread each time
             otoken = _enter(overrides)
             mask = GUARDED.get()
             token = None if mask & bit else GUARDED.set(mask | bit)
@@ -188,6 +195,7 @@ async def _adrive(agen: AsyncGenerator[Any, Any], pol: GuardPolicy, info: Callab
     value: Any = None
     try:
         while True:
+            _thread_hygiene()
             otoken = _enter(overrides)
             mask = GUARDED.get()
             token = None if mask & bit else GUARDED.set(mask | bit)
@@ -264,6 +272,7 @@ def guard_wrapper(
         async def async_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if (installed and not activation.generation) or inactive():
                 return await wrapped(*args, **kwargs)
+            _thread_hygiene()
             otoken = _enter(overrides)
             mask = GUARDED.get()
             try:
@@ -283,6 +292,7 @@ def guard_wrapper(
     def call_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if (installed and not activation.generation) or inactive():
             return wrapped(*args, **kwargs)
+        _thread_hygiene()
         otoken = _enter(overrides)
         mask = GUARDED.get()
         try:
@@ -340,6 +350,7 @@ def _gated(wrapper: Callable[..., Any], generation: int) -> Callable[..., Any]:
     def gated(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not activation.generation or _policy.guards_inactive():
             return wrapped(*args, **kwargs)
+        _thread_hygiene()
         return wrapper(wrapped, instance, args, kwargs)
 
     return gated

@@ -16,7 +16,9 @@ The LangChain call is the outermost guarded call, so the policy sees the LangCha
 model id even though the text is produced by ``mlx_lm.stream_generate`` underneath (which the
 depth guard then lets through unguarded). Streaming is guarded per resumption. Async
 streaming (``astream``) runs the sync generator on one dedicated thread instead of LangChain's
-one-executor-thread-per-item default, because MLX streams are thread-affine. Loading
+one-executor-thread-per-item default, because MLX streams are thread-affine; that thread clears
+its MLX streams before it ends, and ``astream`` returns only after it has (bounded by
+:data:`PUMP_EXIT_WAIT_SEC`), so the interpreter never exits under a half-finished pump. Loading
 (``MLXPipeline.from_model_id`` → ``mlx_lm.load``) is guarded by the ``mlx_lm`` adapter.
 
 langchain-community 0.4.2 is broken against mlx-lm >= 0.32 (``formatter=`` and the moved
@@ -74,6 +76,9 @@ def describe_chat(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 # --------------------------------------------------------------------------- async streaming
 
 _STOP = object()
+#: How long a finished ``astream`` waits for its pump thread to close the generator and clear
+#: its MLX streams (a pump stuck inside MLX longer than this is left behind, as a daemon).
+PUMP_EXIT_WAIT_SEC = 30.0
 
 
 async def _pinned_astream(wrapped: Any, instance: Any, args: tuple[Any, ...],
@@ -91,13 +96,31 @@ async def _pinned_astream(wrapped: Any, instance: Any, args: tuple[Any, ...],
         positional[2] = positional[2].get_sync() if positional[2] is not None else None
     elif kwargs.get("run_manager") is not None:
         kwargs["run_manager"] = kwargs["run_manager"].get_sync()
+    from metal_guard.threads import clearing_streams
+
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
     demand: queue.SimpleQueue[bool] = queue.SimpleQueue()
     results: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    finished = threading.Event()
+    exited: asyncio.Future[None] = loop.create_future()
 
     def post(kind: str, value: Any) -> None:
         loop.call_soon_threadsafe(results.put_nowait, (kind, value))
+
+    def mark_exited() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    def pump_and_clear() -> None:
+        try:
+            clearing_streams(pump)()
+        finally:
+            finished.set()
+            try:
+                loop.call_soon_threadsafe(mark_exited)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                pass
 
     def pump() -> None:
         gen = None
@@ -115,7 +138,7 @@ async def _pinned_astream(wrapped: Any, instance: Any, args: tuple[Any, ...],
             if gen is not None:
                 context.run(gen.close)
 
-    thread = threading.Thread(target=pump, name="metal-guard-langchain-stream", daemon=True)
+    thread = threading.Thread(target=pump_and_clear, name="metal-guard-langchain-stream", daemon=True)
     thread.start()
     try:
         while True:
@@ -127,7 +150,13 @@ async def _pinned_astream(wrapped: Any, instance: Any, args: tuple[Any, ...],
                 raise value
             yield value
     finally:
-        demand.put(False)  # the pump closes the generator on its own thread and exits
+        demand.put(False)  # the pump closes the generator on its own thread, clears its streams
+        if not finished.is_set():
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), PUMP_EXIT_WAIT_SEC)
+            except TimeoutError:
+                log.warning("the LangChain stream thread did not finish within %.0f s",
+                            PUMP_EXIT_WAIT_SEC)
 
 
 TARGETS: tuple[Target, ...] = (

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from metal_guard.threads import clearing_streams
+
 log = logging.getLogger("metal_guard.isolation.supervisor")
 
 __all__ = [
@@ -255,7 +257,7 @@ class FootprintMonitor:
         self.last_bytes: int | None = None
         self.peak_bytes: int | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
+        self._thread = threading.Thread(target=clearing_streams(self._run), daemon=True,
                                         name=f"metal-guard-footprint-{pid}")
 
     def start(self) -> FootprintMonitor:

@@ -38,6 +38,7 @@ from typing import Any
 
 from metal_guard.isolation import protocol as P
 from metal_guard.isolation.generation import GenerationStopped, Model
+from metal_guard.threads import clearing_streams
 
 log = logging.getLogger("metal_guard.isolation.worker")
 
@@ -287,7 +288,7 @@ class Worker:
         ))
 
     def run(self) -> int:
-        thread = threading.Thread(target=self.watch, name="metal-guard-worker-watch", daemon=True)
+        thread = threading.Thread(target=clearing_streams(self.watch), name="metal-guard-worker-watch", daemon=True)
         thread.start()
         try:
             if not self.load():
