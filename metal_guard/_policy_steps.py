@@ -59,26 +59,39 @@ def _layer(name: str) -> Any | None:
 
 def _guard_layer(name: str, s: Settings) -> Any | None:
     """A safety layer (gate, breaker, registry, fit, cadence, lock, prefill ...), imported on
-    first use. One that cannot be imported is never a silent skip: defensive mode raises
-    :class:`~metal_guard.errors.GuardLayerError`; observer mode returns ``None`` after a
-    warning and a ``GUARD_BROKEN`` breadcrumb, on every call."""
+    first use. One that cannot be imported is never a silent skip: see :func:`_broken_layer`."""
     module = _LAYERS.get(name)
     if module is not None:
         return module
     try:
         module = importlib.import_module(name)
     except Exception as exc:
-        _crumb("GUARD_BROKEN", name, error=type(exc).__name__, mode=s.mode)
-        if s.mode == "defensive":
-            from metal_guard.errors import GuardLayerError
-
-            raise GuardLayerError(name, _reason(exc)) from exc
-        log.warning("observer mode: metal-guard safety layer %s cannot be imported (%s); this "
-                    "call goes through without it. The installation is broken: reinstall "
-                    "metal-guard.", name, _reason(exc))
+        _broken_layer(name, exc, s.mode)
         return None
     _LAYERS[name] = module
     return module
+
+
+def _broken_layer(name: str, exc: BaseException, mode: str) -> None:
+    """A safety layer cannot run because a module of this package cannot be imported.
+
+    Defensive mode raises :class:`~metal_guard.errors.GuardLayerError`; observer mode lets the
+    call through with a warning. Both leave a ``GUARD_BROKEN`` breadcrumb, on every call.
+    """
+    _crumb("GUARD_BROKEN", name, error=type(exc).__name__, mode=mode)
+    if mode == "defensive":
+        from metal_guard.errors import GuardLayerError
+
+        raise GuardLayerError(name, _reason(exc)) from exc
+    log.warning("observer mode: metal-guard safety layer %s cannot be imported (%s); this call "
+                "goes through without it. The installation is broken: reinstall metal-guard.",
+                name, _reason(exc))
+
+
+def _own_module(exc: ImportError) -> str | None:
+    """The name of the module of this package whose import failed, if that is what ``exc`` is."""
+    name = exc.name or ""
+    return name if name == "metal_guard" or name.startswith("metal_guard.") else None
 
 
 def _reason(exc: BaseException) -> str:
@@ -86,7 +99,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _step(name: str, fn: Callable[[], Any], mode: str, model_id: str) -> Any:
-    """Run one check: refusals raise (defensive) or are recorded (observer); bugs are logged."""
+    """Run one check: refusals raise (defensive) or are recorded (observer); a module of this
+    package that the check cannot import is a broken layer (:func:`_broken_layer`); other bugs
+    are logged and the check is skipped."""
     from metal_guard.errors import MetalGuardError
 
     try:
@@ -96,6 +111,13 @@ def _step(name: str, fn: Callable[[], Any], mode: str, model_id: str) -> Any:
             raise
         _crumb("OBSERVE", f"{name} would refuse: {exc}"[:300], model=model_id, error=type(exc).__name__)
         log.warning("observer mode: %s would refuse %s (%s); letting it through", name, model_id, exc)
+        return None
+    except ImportError as exc:
+        broken = _own_module(exc)
+        if broken is None:
+            log.warning("guard step %s failed (%s); continuing without it", name, _reason(exc))
+            return None
+        _broken_layer(broken, exc, mode)
         return None
     except Exception as exc:
         log.warning("guard step %s failed (%s: %s); continuing without it", name, type(exc).__name__, exc)
@@ -276,6 +298,10 @@ def prefill_guard(info: Any, s: Settings) -> None:
 
         if isinstance(exc, MetalGuardError):
             raise
+        broken = _own_module(exc) if isinstance(exc, ImportError) else None
+        if broken is not None:
+            _broken_layer(broken, exc, s.mode)
+            return
         log.debug("prefill guard skipped: %s", exc)
 
 
