@@ -1,10 +1,14 @@
 """The individual steps of :mod:`metal_guard.policy`, each calling one building block lazily.
 
-Every step imports its layer inside the function. A layer that is missing (an older install,
-a partial checkout) is skipped with one debug line; a layer that fails unexpectedly is skipped
-with a warning — a guard must never be the reason a user's call breaks. Refusals (subclasses
-of :class:`~metal_guard.errors.MetalGuardError`) are raised in defensive mode and recorded and
-let through in observer mode.
+Every step imports its layer inside the function (importing metal_guard stays free). A safety
+layer that cannot be imported (a broken or partial install) is never skipped silently: in
+defensive mode the call fails with :class:`~metal_guard.errors.GuardLayerError`, in observer
+mode it goes through with a warning and a ``GUARD_BROKEN`` breadcrumb each time. A helper layer
+(memory counters, status heartbeat, ledger ...) that cannot be imported is skipped with a
+warning (once per process): it refuses nothing, so failing the user's call for it would be
+worse than no guard. A check that fails unexpectedly while running is skipped with a warning.
+Refusals (subclasses of :class:`~metal_guard.errors.MetalGuardError`) are raised in defensive
+mode and recorded and let through in observer mode.
 """
 
 from __future__ import annotations
@@ -31,22 +35,73 @@ _LAYERS: dict[str, Any] = {}
 
 
 def _layer(name: str) -> Any | None:
+    """A helper module of this package (counters, heartbeat, ledger ...), imported on first use.
+
+    One that cannot be imported is skipped: a warning and a ``GUARD_BROKEN`` breadcrumb, once
+    per process, and ``None``. It refuses nothing, so failing the user's call would be worse.
+    """
     module = _LAYERS.get(name)
     if module is not None:
         return module
     try:
-        module = _LAYERS[name] = importlib.import_module(name)
-        return module
-    except ImportError as exc:
+        module = importlib.import_module(name)
+    except Exception as exc:  # ImportError, or a module that fails while it executes
         if name not in _missing_logged:
             _missing_logged.add(name)
-            log.debug("guard layer %s unavailable (%s); that step is skipped", name, exc)
+            _crumb("GUARD_BROKEN", name, error=type(exc).__name__)
+            log.warning("metal-guard helper module %s cannot be imported (%s); its step is "
+                        "skipped. The installation is broken: reinstall metal-guard.",
+                        name, _reason(exc))
         return None
+    _LAYERS[name] = module
+    return module
 
+
+def _guard_layer(name: str, s: Settings) -> Any | None:
+    """A safety layer (gate, breaker, registry, fit, cadence, lock, prefill ...), imported on
+    first use. One that cannot be imported is never a silent skip: see :func:`_broken_layer`."""
+    module = _LAYERS.get(name)
+    if module is not None:
+        return module
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:
+        _broken_layer(name, exc, s.mode)
+        return None
+    _LAYERS[name] = module
+    return module
+
+
+def _broken_layer(name: str, exc: BaseException, mode: str) -> None:
+    """A safety layer cannot run because a module of this package cannot be imported.
+
+    Defensive mode raises :class:`~metal_guard.errors.GuardLayerError`; observer mode lets the
+    call through with a warning. Both leave a ``GUARD_BROKEN`` breadcrumb, on every call.
+    """
+    _crumb("GUARD_BROKEN", name, error=type(exc).__name__, mode=mode)
+    if mode == "defensive":
+        from metal_guard.errors import GuardLayerError
+
+        raise GuardLayerError(name, _reason(exc)) from exc
+    log.warning("observer mode: metal-guard safety layer %s cannot be imported (%s); this call "
+                "goes through without it. The installation is broken: reinstall metal-guard.",
+                name, _reason(exc))
+
+
+def _own_module(exc: ImportError) -> str | None:
+    """The name of the module of this package whose import failed, if that is what ``exc`` is."""
+    name = exc.name or ""
+    return name if name == "metal_guard" or name.startswith("metal_guard.") else None
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _step(name: str, fn: Callable[[], Any], mode: str, model_id: str) -> Any:
-    """Run one check: refusals raise (defensive) or are recorded (observer); bugs are logged."""
+    """Run one check: refusals raise (defensive) or are recorded (observer); a module of this
+    package that the check cannot import is a broken layer (:func:`_broken_layer`); other bugs
+    are logged and the check is skipped."""
     from metal_guard.errors import MetalGuardError
 
     try:
@@ -56,6 +111,13 @@ def _step(name: str, fn: Callable[[], Any], mode: str, model_id: str) -> Any:
             raise
         _crumb("OBSERVE", f"{name} would refuse: {exc}"[:300], model=model_id, error=type(exc).__name__)
         log.warning("observer mode: %s would refuse %s (%s); letting it through", name, model_id, exc)
+        return None
+    except ImportError as exc:
+        broken = _own_module(exc)
+        if broken is None:
+            log.warning("guard step %s failed (%s); continuing without it", name, _reason(exc))
+            return None
+        _broken_layer(broken, exc, mode)
         return None
     except Exception as exc:
         log.warning("guard step %s failed (%s: %s); continuing without it", name, type(exc).__name__, exc)
@@ -69,30 +131,30 @@ def before_load(model_id: str, info: Any, pol: Mapping[str, Any], s: Settings) -
     """Gate, breaker, registry, fit, cadence — in that order (cheapest refusal first, cadence
     last because it records the load)."""
     mode = s.mode
-    migrate = _layer("metal_guard.migrate")
+    migrate = _guard_layer("metal_guard.migrate", s)
     if migrate is not None:  # a metal-guard 0.11 cooldown / breaker / recent load is honoured
         migrate.ensure_imported(s)
     if pol.get("gate", True):
-        gate = _layer("metal_guard.forensics.gate")
+        gate = _guard_layer("metal_guard.forensics.gate", s)
         if gate is not None:
             _step("panic gate", lambda: _gate(gate, s), mode, model_id)
     if pol.get("breaker", True):
-        breaker = _layer("metal_guard.breaker")
+        breaker = _guard_layer("metal_guard.breaker", s)
         if breaker is not None:
             _step("circuit breaker", lambda: breaker.CircuitBreaker().check(), mode, model_id)
     if pol.get("registry", True):
-        registry = _layer("metal_guard.knowledge.registry")
+        registry = _guard_layer("metal_guard.knowledge.registry", s)
         if registry is not None:
             _step("known-panic registry", lambda: registry.enforce_known_panic_policy(
                 model_id, allow=s.allow_panic_models, settings=s), mode, model_id)
     if s.fit_check:
-        memory = _layer("metal_guard.memory")
+        memory = _guard_layer("metal_guard.memory", s)
         if memory is not None:
             _step("fit check", lambda: memory.require_fit(
                 model_name=info.local_path or model_id, on_unknown="allow", settings=s,
                 cleanup=light_cleanup), mode, model_id)
     if s.cadence:
-        cadence = _layer("metal_guard.cadence")
+        cadence = _guard_layer("metal_guard.cadence", s)
         if cadence is not None:
             _step("cadence", lambda: cadence.clear_for_load(
                 model_id, model_path=info.local_path, settings=s), mode, model_id)
@@ -114,7 +176,7 @@ def load_lock(model_id: str, s: Settings) -> Iterator[None]:
     if not s.use_lock:
         yield
         return
-    lock = _layer("metal_guard.lock")
+    lock = _guard_layer("metal_guard.lock", s)
     if lock is None:
         yield
         return
@@ -206,7 +268,7 @@ def first_generation_flush(info: Any, pol: Mapping[str, Any], hot: Settings) -> 
     info.extra["first_generation"] = True
     if pol.get("gemma4_firstgen_disabled", hot.gemma4_firstgen_disabled):
         return
-    cadence = _layer("metal_guard.cadence")
+    cadence = _guard_layer("metal_guard.cadence", hot)
     if cadence is None or not cadence.is_gemma4_family(str(info.model_id)):
         return
     import time
@@ -224,7 +286,7 @@ def first_generation_flush(info: Any, pol: Mapping[str, Any], hot: Settings) -> 
 
 def prefill_guard(info: Any, s: Settings) -> None:
     """R4: refuse a prompt whose prefill would pass the single-allocation ceiling."""
-    prefill = _layer("metal_guard.prefill")
+    prefill = _guard_layer("metal_guard.prefill", s)
     if prefill is None:
         return
     dims = getattr(info.model, "_metal_guard_dims", None)
@@ -241,6 +303,10 @@ def prefill_guard(info: Any, s: Settings) -> None:
 
         if isinstance(exc, MetalGuardError):
             raise
+        broken = _own_module(exc) if isinstance(exc, ImportError) else None
+        if broken is not None:
+            _broken_layer(broken, exc, s.mode)
+            return
         log.debug("prefill guard skipped: %s", exc)
 
 

@@ -153,9 +153,9 @@ def run_demo(*, max_tokens: int = 12, home: str | None = None, keep_home: bool =
                 status["health"] = {"exit_code": code, "label": label}
                 step.summary = f"health {label}"
         except Exception as exc:
-            from metal_guard.errors import MLXCooldownActive
+            from metal_guard.errors import MLXCooldownActive, PanicCooldownActive
 
-            exit_code = 2 if isinstance(exc, MLXCooldownActive) else 4
+            exit_code = 2 if isinstance(exc, MLXCooldownActive | PanicCooldownActive) else 4
             error = f"{type(exc).__name__}: {exc}"
         finally:
             from metal_guard import installer as mg

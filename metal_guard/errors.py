@@ -4,6 +4,15 @@ Every exception the package raises on purpose derives from :class:`MetalGuardErr
 also from the builtin a caller would naturally catch (``MemoryError`` for memory refusals,
 ``RuntimeError`` for GPU failures and refusals, ``TimeoutError`` for timeouts), so code
 written against plain MLX keeps working.
+
+Two families group what a caller handles alike:
+
+* :class:`LoadRefused` -- a guard refused to start MLX work (cadence, breaker cooldown, panic
+  gate, known-panic model, model does not fit). ``retry_after_sec`` says when a retry can
+  succeed, or is ``None`` when waiting does not help.
+* :class:`WorkerFailure` -- an isolated worker process failed (crash, timeout, an exception
+  inside it). ``phase``, ``worker_pid`` and ``log_path`` say where, which process and where its
+  log is, when known.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ __all__ = [
     "AdapterError",
     "CadenceViolation",
     "CrossModelCadenceViolation",
+    "GuardLayerError",
     "KnownPanicModelError",
+    "LoadRefused",
     "MLXCooldownActive",
     "MLXLockConflict",
     "MetalGuardError",
@@ -31,11 +42,50 @@ __all__ = [
     "SubprocessCrashError",
     "SubprocessTimeoutError",
     "WorkerError",
+    "WorkerFailure",
 ]
 
 
 class MetalGuardError(Exception):
     """Base class of every error metal-guard raises on purpose."""
+
+
+class LoadRefused(MetalGuardError):
+    """A guard refused to start MLX work: a model load or a worker start.
+
+    ``retry_after_sec`` is the number of seconds after which the same call can succeed (a
+    cadence interval or a cooldown running out), or ``None`` when waiting alone does not help
+    (a known-panic model, a model that does not fit). Each subclass also derives from the
+    builtin its 0.11 counterpart did (``RuntimeError``, or ``MemoryError`` for a fit refusal).
+    """
+
+    retry_after_sec: float | None = None
+
+
+def _retry_after(remaining_sec: float) -> float | None:
+    return remaining_sec if remaining_sec > 0 else None
+
+
+class WorkerFailure(MetalGuardError):
+    """An isolated worker process failed: it crashed, timed out, or raised.
+
+    ``phase`` is what the worker was doing (``"start"``, ``"load"``, ``"prefill"``,
+    ``"generate"`` ...), ``worker_pid`` its process id and ``log_path`` the worker's log file;
+    each is ``None`` when not known.
+    """
+
+    phase: str | None = None
+    worker_pid: int | None = None
+    log_path: str | None = None
+
+    def _set_worker(self, phase: str | None, worker_pid: int | None,
+                    log_path: str | None) -> None:
+        if phase is not None:
+            self.phase = phase
+        if worker_pid is not None:
+            self.worker_pid = worker_pid
+        if log_path is not None:
+            self.log_path = str(log_path)
 
 
 class SettingsError(MetalGuardError, ValueError):
@@ -93,8 +143,11 @@ class MetalOOMError(MetalGuardError, MemoryError, RuntimeError):
         self.attempts = attempts
 
 
-class ModelDoesNotFitError(MetalGuardError, MemoryError):
-    """``require_fit`` refused a load: the model does not fit in the available GPU memory."""
+class ModelDoesNotFitError(LoadRefused, MemoryError):
+    """``require_fit`` refused a load: the model does not fit in the available GPU memory.
+
+    ``retry_after_sec`` is ``None``: memory is freed by closing something, not by waiting.
+    """
 
     def __init__(
         self,
@@ -110,8 +163,11 @@ class ModelDoesNotFitError(MetalGuardError, MemoryError):
         self.available_bytes = available_bytes
 
 
-class CadenceViolation(MetalGuardError, RuntimeError):
-    """The same model was loaded less than ``min_interval`` seconds ago (L9)."""
+class CadenceViolation(LoadRefused, RuntimeError):
+    """The same model was loaded less than ``min_interval`` seconds ago (L9).
+
+    ``remaining_sec`` (= ``retry_after_sec``) is the time left until the interval has passed.
+    """
 
     def __init__(
         self,
@@ -133,6 +189,7 @@ class CadenceViolation(MetalGuardError, RuntimeError):
         self.reason = reason
         #: The pid that recorded the earlier load, when known.
         self.last_pid = last_pid
+        self.retry_after_sec = _retry_after(self.remaining_sec)
         super().__init__(
             message
             or (
@@ -193,8 +250,12 @@ class MLXLockConflict(MetalGuardError, RuntimeError):
         super().__init__(message)
 
 
-class MLXCooldownActive(MetalGuardError, RuntimeError):
-    """The circuit breaker (L9) is cooling down after a cluster of GPU panics or crashes."""
+class MLXCooldownActive(LoadRefused, RuntimeError):
+    """The circuit breaker (L9) is cooling down after a cluster of GPU panics or crashes.
+
+    ``remaining_sec`` (= ``retry_after_sec``) is the time left until the breaker closes.
+    The panic gate's refusal is the separate :class:`PanicCooldownActive`.
+    """
 
     def __init__(
         self,
@@ -206,6 +267,7 @@ class MLXCooldownActive(MetalGuardError, RuntimeError):
         message: str | None = None,
     ) -> None:
         self.remaining_sec = max(0.0, remaining_sec)
+        self.retry_after_sec = _retry_after(self.remaining_sec)
         self.cooldown_until = cooldown_until
         self.panic_count = panic_count
         self.window_sec = window_sec
@@ -218,23 +280,32 @@ class MLXCooldownActive(MetalGuardError, RuntimeError):
         )
 
 
-class PanicCooldownActive(MLXCooldownActive):
-    """The post-reboot panic gate (L10) says MLX work must not start yet."""
+class PanicCooldownActive(LoadRefused, RuntimeError):
+    """The post-reboot panic gate (L10) says MLX work must not start yet.
+
+    ``verdict`` is the gate's :class:`~metal_guard.forensics.gate.CooldownVerdict`;
+    ``remaining_sec`` (= ``retry_after_sec``), ``cooldown_until`` and ``panic_count`` (GPU
+    panics in the last 72 h) are read from it. Not a subclass of the breaker's
+    :class:`MLXCooldownActive`: catch :class:`LoadRefused` for both.
+    """
 
     def __init__(self, verdict: Any) -> None:
         self.verdict = verdict
         until = getattr(verdict, "cooldown_until", None)
         remaining = getattr(verdict, "remaining_sec", None)
-        super().__init__(
-            remaining_sec=float(remaining or 0.0),
-            cooldown_until=until if isinstance(until, float) else None,
-            panic_count=int(getattr(verdict, "recent_panics_72h", 0) or 0),
-            message=f"panic gate: {getattr(verdict, 'reason', 'cooldown active')}",
-        )
+        self.remaining_sec = max(0.0, float(remaining or 0.0))
+        self.retry_after_sec = _retry_after(self.remaining_sec)
+        self.cooldown_until = float(until) if isinstance(until, int | float) else None
+        self.panic_count = int(getattr(verdict, "recent_panics_72h", 0) or 0)
+        self.window_sec = 0.0
+        super().__init__(f"panic gate: {getattr(verdict, 'reason', 'cooldown active')}")
 
 
-class KnownPanicModelError(MetalGuardError, RuntimeError):
-    """Loading a model listed with ``tier="panic"`` in the registry was refused."""
+class KnownPanicModelError(LoadRefused, RuntimeError):
+    """Loading a model listed with ``tier="panic"`` in the registry was refused.
+
+    ``retry_after_sec`` is ``None``: the model stays refused until explicitly allowed.
+    """
 
     def __init__(self, model_id: str, advisory: dict[str, Any] | None = None) -> None:
         self.model_id = model_id
@@ -256,7 +327,7 @@ def signal_name(exitcode: int | None) -> str | None:
         return f"SIG{-exitcode}"
 
 
-class SubprocessCrashError(MetalGuardError, RuntimeError):
+class SubprocessCrashError(WorkerFailure, RuntimeError):
     """An isolated worker process died (L7).
 
     ``error_class`` is the classifier's verdict on the exit signal and the worker's last words;
@@ -271,7 +342,11 @@ class SubprocessCrashError(MetalGuardError, RuntimeError):
         *,
         signal: str | None = None,
         error_class: ErrorClass | None = None,
+        phase: str | None = None,
+        worker_pid: int | None = None,
+        log_path: str | None = None,
     ) -> None:
+        self._set_worker(phase, worker_pid, log_path)
         self.model_id = model_id
         self.exitcode = exitcode
         self.signal = signal or signal_name(exitcode)
@@ -288,28 +363,72 @@ class SubprocessCrashError(MetalGuardError, RuntimeError):
         super().__init__(f"worker for {model_id!r} died with {how}{cls}{tail}")
 
 
-class SubprocessTimeoutError(MetalGuardError, TimeoutError):
-    """An isolated worker made no progress within its timeout and was killed (L7)."""
+class SubprocessTimeoutError(WorkerFailure, TimeoutError):
+    """An isolated worker made no progress within its timeout and was killed (L7).
 
-    def __init__(self, model_id: str, timeout: float, phase: str = "generate") -> None:
+    ``detail`` is the tail of the worker's log at the timeout (``""`` when not read).
+    """
+
+    detail: str = ""
+
+    def __init__(
+        self,
+        model_id: str,
+        timeout: float,
+        phase: str = "generate",
+        *,
+        worker_pid: int | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self._set_worker(phase, worker_pid, log_path)
         self.model_id = model_id
         self.timeout = timeout
-        self.phase = phase
         super().__init__(
             f"worker for {model_id!r} made no progress for {timeout:.1f}s during {phase}; killed"
         )
 
 
-class WorkerError(MetalGuardError, RuntimeError):
+class WorkerError(WorkerFailure, RuntimeError):
     """An exception raised inside an isolated worker that has no more specific mapping.
 
-    ``exc_type`` is the worker-side type name and ``worker_traceback`` its formatted traceback.
+    ``exc_type`` is the worker-side type name, ``worker_traceback`` its formatted traceback
+    and ``error_class`` the classifier's verdict on it (or ``None``).
     """
 
-    def __init__(self, message: str, *, exc_type: str = "", worker_traceback: str = "") -> None:
+    error_class: ErrorClass | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exc_type: str = "",
+        worker_traceback: str = "",
+        phase: str | None = None,
+        worker_pid: int | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self._set_worker(phase, worker_pid, log_path)
         self.exc_type = exc_type
         self.worker_traceback = worker_traceback
         super().__init__(message)
+
+
+class GuardLayerError(MetalGuardError, RuntimeError):
+    """A safety layer of metal-guard itself cannot run: its module fails to import.
+
+    Raised in defensive mode instead of letting the call through unguarded (observer mode
+    warns instead). ``layer`` is the module name and ``reason`` the import error. The fix is
+    to reinstall metal-guard.
+    """
+
+    def __init__(self, layer: str, reason: str) -> None:
+        self.layer = layer
+        self.reason = reason
+        super().__init__(
+            f"metal-guard safety layer {layer} cannot be imported ({reason}); refusing to run "
+            f"unguarded in defensive mode. Reinstall metal-guard (or set METALGUARD_MODE=observer "
+            f"to run with a warning)."
+        )
 
 
 class AdapterError(MetalGuardError, RuntimeError):

@@ -131,3 +131,50 @@ def tiny_image_path(tiny_model_dir: Path) -> Path:
     from metal_guard.tinymodel import write_tiny_image
 
     return write_tiny_image(tiny_model_dir / "tiny-image.png")
+
+
+# --------------------------------------------------------------------------- CI: no silent skips
+
+#: Set by ``.ci/run``: with every extra installed, a skipped test is a hidden failure (a broken
+#: ``import mlx_lm`` would otherwise turn whole modules into skips and the run green).
+NO_SKIPS_ENV = "METALGUARD_CI_NO_SKIPS"
+_no_skips: list[bool] = [False]
+_skipped: list[tuple[str, str]] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read once, before the autouse fixture clears METALGUARD_* variables for each test.
+    _no_skips[0] = os.environ.get(NO_SKIPS_ENV, "").strip() == "1"
+    _skipped.clear()
+
+
+def _note_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):  # an xfail is not a skip
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    _skipped.append((report.nodeid or "<collection>", str(reason)))
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _note_skip(report)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _note_skip(report)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _no_skips[0] and _skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _no_skips[0]:
+        return
+    if not _skipped:
+        terminalreporter.write_line(f"{NO_SKIPS_ENV}=1: no test was skipped")
+        return
+    terminalreporter.section(f"{NO_SKIPS_ENV}=1: {len(_skipped)} skipped, and a skip fails this run",
+                             sep="=", red=True, bold=True)
+    for nodeid, reason in _skipped:
+        terminalreporter.write_line(f"SKIPPED {nodeid}: {reason}")

@@ -56,7 +56,7 @@ def test_mlx_vlm_load(tiny_vlm_path: Path, guard: MetalGuard) -> None:
 
 
 def test_failed_load_releases_the_lock(tmp_path: Path, guard: MetalGuard) -> None:
-    with pytest.raises(Exception), bench_scoped_load(str(tmp_path / "missing-model"), guard=guard,
+    with pytest.raises(ValueError), bench_scoped_load(str(tmp_path / "missing-model"), guard=guard,
                                                      sleep=lambda s: None):
         pytest.fail("must not get here")
     assert read_mlx_lock() is None

@@ -278,7 +278,7 @@ def test_forged_sidecar_on_a_held_lock_is_unverified(holder):
         # Right create_time but not the kernel lock's owner (Linux /proc/locks cross-check).
         lock_sidecar_path().write_text(json.dumps({"pid": sleeper.pid, "create_time": ct}))
         seen = read_mlx_lock()
-        if lock_holder.flock_owner_pids(lock_path()) is not None:
+        if sys.platform.startswith("linux") or lock_holder.flock_owner_pids(lock_path()) is not None:
             assert seen["verified"] is False and "does not own" in seen["reason"]
         assert h.proc.poll() is None
     finally:
@@ -409,8 +409,7 @@ def test_observer_mode_logs_instead_of_raising(holder, monkeypatch, caplog):
     assert ran
     assert "observer mode" in caplog.text
     crumbs = get_settings().resolved_breadcrumb_path
-    if crumbs.exists():
-        assert "LOCK_CONFLICT" in crumbs.read_text()
+    assert "LOCK_CONFLICT" in crumbs.read_text()
     assert read_mlx_lock()["pid"] == h.pid  # the holder was not disturbed
 
 

@@ -143,13 +143,18 @@ def _snake(name: str) -> str:
 def unavailable(exc: BaseException) -> tuple[str, int | None] | None:
     """``(type, retry_after_sec)`` when ``exc`` means "temporarily unavailable" (HTTP 503),
     else ``None`` (mlx_lm.server answers it as before)."""
-    from metal_guard.errors import CadenceViolation, MetalGuardError, MLXCooldownActive
+    from metal_guard.errors import (
+        CadenceViolation,
+        MetalGuardError,
+        MLXCooldownActive,
+        PanicCooldownActive,
+    )
 
     if is_oom(exc):
         return "metal_oom", OOM_RETRY_AFTER_SEC
     if isinstance(exc, CadenceViolation):
         return "model_switch_cadence", max(1, math.ceil(exc.remaining_sec))
-    if isinstance(exc, MLXCooldownActive):
+    if isinstance(exc, MLXCooldownActive | PanicCooldownActive):
         return "panic_cooldown", max(1, math.ceil(exc.remaining_sec))
     if isinstance(exc, MetalGuardError):
         return _snake(type(exc).__name__), None
