@@ -26,6 +26,7 @@ EXIT_FAILED = 4
 EXIT_BLOCKED = 10
 EXIT_FAIL_OPEN = 11
 EXIT_USAGE = 64
+EXIT_SERVER_GAVE_UP = 69
 EXIT_INTERNAL = 70
 
 #: code -> meaning; rendered into README/docs and checked by tests.
@@ -38,6 +39,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_BLOCKED: "mlx-safe-python: blocked by an active cooldown",
     EXIT_FAIL_OPEN: "mlx-safe-python: gate broken, command ran anyway (fail-open)",
     EXIT_USAGE: "usage error (bad arguments or configuration)",
+    EXIT_SERVER_GAVE_UP: "`run -- mlx_lm.server`: the guarded server gave up (generation cannot make progress); restart it",
     EXIT_INTERNAL: "internal error (a bug: please report it)",
 }
 
