@@ -111,3 +111,18 @@ def metric(text: str, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
+
+
+def module_server(model: Path | None, **over: Any) -> Server:
+    """A server for a whole test module: started while metal-guard is installed (so its
+    generation thread runs under the adapter's supervisor), then uninstalled again so the
+    per-test leak check stays meaningful; tests install around their own requests."""
+    from metal_guard import installer as mg
+
+    mg.install()
+    try:
+        srv = Server(model, **over)
+        wait_for(lambda: srv.state().phase == "ready", what="the server to be ready")
+    finally:
+        mg.uninstall()
+    return srv
