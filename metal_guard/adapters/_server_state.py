@@ -70,6 +70,7 @@ class ServerState:
         self.last_used = time.monotonic()
         self.request_keep_alive: float | None = None  # the last finished request's keep_alive
         self.next_pressure_check = 0.0
+        self.idle_polls = 0  # times the generation loop found no request (keep-alive checks)
         self.pressure_runner: Any = None  # injectable macOS command runner (tests)
         # failed switches: model id -> (monotonic until, message)
         self.failed_switches: dict[str, tuple[float, str]] = {}

@@ -340,6 +340,7 @@ def _next_request(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: d
     if state.phase != "ready":
         state.set_phase("ready")  # start-up (load_default) is done once the loop asks for work
     if request is None:
+        state.idle_polls += 1  # only this thread writes it
         if not state.active_handlers:
             reason = keepalive.due(state, generator, provider)
             if reason is not None:
