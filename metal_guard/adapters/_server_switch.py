@@ -24,6 +24,7 @@ none is loaded). The order, so that a request never costs the server the model i
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -32,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metal_guard.adapters._server_state import ServerState
+from metal_guard.adapters import _server_keepalive as keepalive
+from metal_guard.adapters._server_state import ServerState, state_for
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.policy import CallInfo
 
@@ -193,3 +195,135 @@ def restore(load: Any, provider: Any, previous: tuple[Any, ...], state: ServerSt
         log.debug("cadence record of the restore failed: %s", exc)
     _crumb("SERVER_RESTORED", model_id)
     log.warning("mlx_lm.server: the switch failed; %s is loaded and serving again", model_id)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def release_memory() -> None:
+    """gc, wait for queued GPU work, then return MLX's buffer cache to the system."""
+    from metal_guard import backend
+
+    gc.collect()
+    for step in (backend.synchronize, backend.clear_cache):
+        try:
+            step(load=False)
+        except Exception as exc:
+            log.debug("%s failed: %s", step.__name__, exc)
+
+
+def drop_prompt_cache(generator: Any) -> None:
+    cache = getattr(generator, "prompt_cache", None) if generator is not None else None
+    if cache is not None:
+        try:
+            cache.trim_to(n_sequences=0)
+        except Exception as exc:
+            log.debug("prompt cache trim failed: %s", exc)
+
+
+def _generator_of(state: ServerState) -> Any | None:
+    ref = state.generator
+    return ref() if ref is not None else None
+
+
+# --------------------------------------------------------------------------- the load wrapper
+
+
+def describe_provider_load(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallInfo:
+    ref = args[0] if args else kwargs.get("model_path")
+    model_id = os.fspath(ref) if isinstance(ref, (str, os.PathLike)) else None
+    local = None
+    if model_id and Path(model_id).expanduser().is_dir():
+        local = str(Path(model_id).expanduser())
+    return CallInfo("mlx_lm.server:ModelProvider._load", model_id=model_id, local_path=local)
+
+
+_load_guard: Any = None
+
+
+def _load_policy() -> Any:
+    global _load_guard
+    if _load_guard is None:
+        from metal_guard.adapters.base import guard_wrapper
+
+        _load_guard = guard_wrapper("load", "call", site="mlx_lm.server:ModelProvider._load",
+                                    describe=describe_provider_load, generation=None)
+    return _load_guard
+
+
+def _startup_load(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  model_id: str, info: CallInfo, state: ServerState) -> Any:
+    while True:
+        wait_until_allowed(model_id, info, state)
+        try:
+            return _load_policy()(wrapped, provider, args, kwargs)
+        except Exception as exc:
+            if _temporary(exc) is None:
+                raise
+            # refused between the check and the load (another process loaded): wait again
+
+
+def provider_load(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    state = state_for(provider)
+    if args and isinstance(args[0], keepalive.UnloadMarker):
+        keepalive.unload(provider, _generator_of(state), state, args[0].reason,
+                         release_memory, drop_prompt_cache)
+        return None
+    info = describe_provider_load(provider, args, kwargs)
+    model_id = info.model_id or "unknown-model"
+    startup = state.phase in ("starting", "waiting")
+    previous = getattr(provider, "model_key", None) if getattr(provider, "model", None) is not None else None
+
+    problem = loadability(model_id) if info.model_id else None
+    if problem is not None:
+        if not startup:
+            state.bump("model_not_found_total")
+        _crumb("SERVER_MODEL_NOT_FOUND", model_id[:200], reason=problem)
+        raise ModelNotFound(model_id, problem)
+    if startup:
+        result = _startup_load(wrapped, provider, args, kwargs, model_id, info, state)
+    else:
+        failed = state.failed_switch(model_id)
+        if failed is not None:
+            raise SwitchRecentlyFailed(model_id, failed[0], failed[1])
+        try:
+            preflight(model_id, info)
+        except Exception:
+            state.bump("model_switch_refused_total")
+            raise
+        if previous is not None:
+            # Release the served model first, so the fit check sees the memory it frees.
+            _crumb("SERVER_SWITCH", model_id, previous=str(previous[0])[:200])
+            provider.reset()
+            drop_prompt_cache(_generator_of(state))
+            release_memory()
+        try:
+            result = _load_policy()(wrapped, provider, args, kwargs)
+        except Exception as exc:
+            if previous is None:
+                state.bump("model_switch_refused_total")
+                raise
+            state.bump("model_switch_failed_total")
+            from metal_guard.policy import settings_for_call
+
+            state.remember_failed_switch(model_id, f"{type(exc).__name__}: {exc}",
+                                         settings_for_call().cadence_min_interval_sec)
+            provider.reset()
+            release_memory()
+            restore(lambda p, key: _load_policy()(wrapped, p, key, {}), provider, previous, state)
+            if getattr(provider, "model", None) is not None:
+                _loaded(provider, state, str(previous[0]))
+            raise
+    _loaded(provider, state, model_id)
+    return result
+
+
+def _loaded(provider: Any, state: ServerState, model_id: str) -> None:
+    state.bump("model_loads_total")
+    state.mark_used()
+    model = getattr(provider, "model", None)
+    if model is not None:
+        from metal_guard import _policy_steps, policy
+
+        _policy_steps.forget_model(model)
+        policy.remember_model(model, model_id)

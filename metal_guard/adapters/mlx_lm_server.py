@@ -35,7 +35,6 @@ Generation itself (``stream_generate``, ``BatchGenerator.insert`` / ``insert_seg
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import sys
@@ -43,7 +42,6 @@ import threading
 import time
 import traceback
 import weakref
-from pathlib import Path
 from typing import Any
 
 from metal_guard.adapters import _server_http as http
@@ -52,7 +50,6 @@ from metal_guard.adapters import _server_switch as switch
 from metal_guard.adapters._server_state import ServerState, TrackedQueue
 from metal_guard.adapters.base import Target
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
-from metal_guard.policy import CallInfo
 
 NAME = "mlx_lm_server"
 log = logging.getLogger("metal_guard.adapters.mlx_lm_server")
@@ -73,135 +70,6 @@ SIMULATED_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
 
 #: The generation thread's server state (set by the ``_generate`` supervisor).
 _thread = threading.local()
-
-
-def _release_memory() -> None:
-    """gc, wait for queued GPU work, then return MLX's buffer cache to the system."""
-    from metal_guard import backend
-
-    gc.collect()
-    for step in (backend.synchronize, backend.clear_cache):
-        try:
-            step(load=False)
-        except Exception as exc:
-            log.debug("%s failed: %s", step.__name__, exc)
-
-
-def _drop_prompt_cache(generator: Any) -> None:
-    cache = getattr(generator, "prompt_cache", None) if generator is not None else None
-    if cache is not None:
-        try:
-            cache.trim_to(n_sequences=0)
-        except Exception as exc:
-            log.debug("prompt cache trim failed: %s", exc)
-
-
-def _generator_of(state: ServerState) -> Any | None:
-    ref = state.generator
-    return ref() if ref is not None else None
-
-
-# --------------------------------------------------------------------------- model loads
-
-
-def describe_provider_load(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallInfo:
-    ref = args[0] if args else kwargs.get("model_path")
-    model_id = os.fspath(ref) if isinstance(ref, (str, os.PathLike)) else None
-    local = None
-    if model_id and Path(model_id).expanduser().is_dir():
-        local = str(Path(model_id).expanduser())
-    return CallInfo("mlx_lm.server:ModelProvider._load", model_id=model_id, local_path=local)
-
-
-_load_guard: Any = None
-
-
-def _load_policy() -> Any:
-    global _load_guard
-    if _load_guard is None:
-        from metal_guard.adapters.base import guard_wrapper
-
-        _load_guard = guard_wrapper("load", "call", site="mlx_lm.server:ModelProvider._load",
-                                    describe=describe_provider_load, generation=None)
-    return _load_guard
-
-
-def _startup_load(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  model_id: str, info: CallInfo, state: ServerState) -> Any:
-    while True:
-        switch.wait_until_allowed(model_id, info, state)
-        try:
-            return _load_policy()(wrapped, provider, args, kwargs)
-        except Exception as exc:
-            if switch._temporary(exc) is None:
-                raise
-            # refused between the check and the load (another process loaded): wait again
-
-
-def _provider_load(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    state = http.state_for(provider)
-    if args and isinstance(args[0], keepalive.UnloadMarker):
-        keepalive.unload(provider, _generator_of(state), state, args[0].reason,
-                         _release_memory, _drop_prompt_cache)
-        return None
-    info = describe_provider_load(provider, args, kwargs)
-    model_id = info.model_id or "unknown-model"
-    startup = state.phase in ("starting", "waiting")
-    previous = getattr(provider, "model_key", None) if getattr(provider, "model", None) is not None else None
-
-    problem = switch.loadability(model_id) if info.model_id else None
-    if problem is not None:
-        if not startup:
-            state.bump("model_not_found_total")
-        _crumb("SERVER_MODEL_NOT_FOUND", model_id[:200], reason=problem)
-        raise switch.ModelNotFound(model_id, problem)
-    if startup:
-        result = _startup_load(wrapped, provider, args, kwargs, model_id, info, state)
-    else:
-        failed = state.failed_switch(model_id)
-        if failed is not None:
-            raise switch.SwitchRecentlyFailed(model_id, failed[0], failed[1])
-        try:
-            switch.preflight(model_id, info)
-        except Exception:
-            state.bump("model_switch_refused_total")
-            raise
-        if previous is not None:
-            # Release the served model first, so the fit check sees the memory it frees.
-            _crumb("SERVER_SWITCH", model_id, previous=str(previous[0])[:200])
-            provider.reset()
-            _drop_prompt_cache(_generator_of(state))
-            _release_memory()
-        try:
-            result = _load_policy()(wrapped, provider, args, kwargs)
-        except Exception as exc:
-            if previous is None:
-                state.bump("model_switch_refused_total")
-                raise
-            state.bump("model_switch_failed_total")
-            from metal_guard.policy import settings_for_call
-
-            state.remember_failed_switch(model_id, f"{type(exc).__name__}: {exc}",
-                                         settings_for_call().cadence_min_interval_sec)
-            provider.reset()
-            _release_memory()
-            switch.restore(lambda p, key: _load_policy()(wrapped, p, key, {}), provider, previous, state)
-            if getattr(provider, "model", None) is not None:
-                _loaded(provider, state, str(previous[0]))
-            raise
-    _loaded(provider, state, model_id)
-    return result
-
-
-def _loaded(provider: Any, state: ServerState, model_id: str) -> None:
-    state.bump("model_loads_total")
-    state.mark_used()
-    model = getattr(provider, "model", None)
-    if model is not None:
-        from metal_guard import _policy_steps, policy
-
-        _policy_steps.forget_model(model)
-        policy.remember_model(model, model_id)
 
 
 def _load_default(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -252,8 +120,8 @@ def _recover(generator: Any, state: ServerState, exc: BaseException) -> None:
     answered = _fail_live_requests(state, _public_error(exc))
     if exc.__traceback__ is not None:
         traceback.clear_frames(exc.__traceback__)
-    _drop_prompt_cache(generator)
-    _release_memory()
+    switch.drop_prompt_cache(generator)
+    switch.release_memory()
     _crumb("SERVER_OOM_RECOVERED", str(exc)[:200], answered_503=answered)
     log.warning("mlx_lm.server: Metal OOM in the batched generation loop; %d request(s) in "
                 "flight answered 503, memory released, generation loop restarted", answered)
@@ -367,8 +235,8 @@ def _serve_single(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: d
         provider = getattr(generator, "model_provider", None)
         if provider is not None:
             http.state_for(provider).note_oom(failure, "sequential")
-        _drop_prompt_cache(generator)
-        _release_memory()
+        switch.drop_prompt_cache(generator)
+        switch.release_memory()
         _crumb("SERVER_OOM_RELEASED", str(failure)[:200], path="sequential")
     return result
 
@@ -485,7 +353,7 @@ def _run(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, A
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("mlx_lm.server", "ModelProvider._load", "load", wrapper=_provider_load),
+    Target("mlx_lm.server", "ModelProvider._load", "load", wrapper=switch.provider_load),
     Target("mlx_lm.server", "ModelProvider.load_default", "step", wrapper=_load_default),
     Target("mlx_lm.server", "ResponseGenerator._generate", "step", wrapper=_supervise_generate),
     Target("mlx_lm.server", "ResponseGenerator._next_request", "step", wrapper=_next_request),
