@@ -122,7 +122,11 @@ def module_server(model: Path | None, **over: Any) -> Server:
     mg.install()
     try:
         srv = Server(model, **over)
-        wait_for(lambda: srv.state().phase == "ready", what="the server to be ready")
+        try:
+            wait_for(lambda: srv.state().phase == "ready", what="the server to be ready")
+        except BaseException:
+            srv.close()  # never leave a generation thread behind (it would keep pytest alive)
+            raise
     finally:
         mg.uninstall()
     return srv

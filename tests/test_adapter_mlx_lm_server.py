@@ -240,3 +240,30 @@ def test_unavailable_classification() -> None:
     assert http.unavailable(ModelDoesNotFitError("too big")) == ("model_does_not_fit", None)
     assert http.unavailable(RuntimeError("generation thread died"))[0] == "generation_unavailable"  # type: ignore[index]
     assert http.unavailable(ValueError("bad request")) is None
+
+
+def test_oom_restart_keeps_the_model_being_served(
+        monkeypatch: pytest.MonkeyPatch, start_server: Callable[..., Server], tiny_model_path: Path,
+        second_model: Path) -> None:
+    """The restarted loop does not reload the start-up model over the one being served (that
+    reload met the cadence and killed the generation thread)."""
+    from metal_guard.policy import refresh_settings
+
+    mg.install()
+    try:
+        srv = start_server(tiny_model_path)
+        assert srv.complete()[0] == 200
+        assert srv.complete(model=str(second_model))[0] == 200
+        monkeypatch.setenv("METALGUARD_TEST_SERVER_OOM_EVERY", "1")
+        refresh_settings()
+        status, body = srv.complete(model=str(second_model))
+        assert status == 503 and body["error"]["code"] == "metal_oom"
+        monkeypatch.delenv("METALGUARD_TEST_SERVER_OOM_EVERY")
+        refresh_settings()
+        assert srv.complete(model=str(second_model))[0] == 200
+        assert srv.generator.generation_available()
+        assert srv.provider.model_key[0] == str(second_model)
+        counters = srv.state().counters
+        assert counters["oom_recoveries_total"] == 1 and counters["model_loads_total"] == 2
+    finally:
+        mg.uninstall()

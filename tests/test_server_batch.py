@@ -50,7 +50,7 @@ def test_insert_segments_describes_the_prompts() -> None:
 
 
 @pytest.fixture(scope="module")
-def shared(tiny_model_path: Path) -> Iterator[Server]:
+def shared(module_home: Path, tiny_model_path: Path) -> Iterator[Server]:
     srv = module_server(tiny_model_path)
     yield srv
     srv.close()

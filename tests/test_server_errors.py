@@ -24,7 +24,7 @@ from metal_guard.breadcrumbs import read_lines  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def shared(tiny_model_path: Path) -> Iterator[Server]:
+def shared(module_home: Path, tiny_model_path: Path) -> Iterator[Server]:
     srv = module_server(tiny_model_path)
     yield srv
     srv.close()

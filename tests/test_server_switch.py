@@ -25,7 +25,7 @@ from metal_guard.cadence import CadenceGuard  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def shared(tiny_model_path: Path) -> Iterator[Server]:
+def shared(module_home: Path, tiny_model_path: Path) -> Iterator[Server]:
     server = module_server(tiny_model_path)
     yield server
     server.close()
