@@ -36,7 +36,7 @@ def _run(model: Path, clients: int, requests: int, guarded: bool) -> dict[str, A
     srv = Server(model)
     try:
         if guarded:
-            wait_for(lambda: srv.state().phase == "ready", what="ready")
+            wait_for(lambda: getattr(srv.state(), "phase", "ready") == "ready", what="ready")
         srv.complete("warm up")
         latencies: list[float] = []
         errors: list[int] = []
