@@ -156,8 +156,12 @@ def before_load(model_id: str, info: Any, pol: Mapping[str, Any], s: Settings) -
     if s.cadence:
         cadence = _guard_layer("metal_guard.cadence", s)
         if cadence is not None:
-            _step("cadence", lambda: cadence.clear_for_load(
-                model_id, model_path=info.local_path, settings=s), mode, model_id)
+            def check_and_mark() -> None:
+                previous = cadence.CadenceGuard().last_ts(model_id)
+                at = cadence.clear_for_load(model_id, model_path=info.local_path, settings=s)
+                info.extra["cadence_mark"] = (at, previous)  # rolled back if the load fails
+
+            _step("cadence", check_and_mark, mode, model_id)
 
 
 def _gate(gate: Any, s: Settings) -> None:
@@ -200,6 +204,28 @@ def start_load(model_id: str, info: Any) -> None:
 
 def load_failed(model_id: str, info: Any, exc: BaseException) -> None:
     _crumb("LOAD", "FAILED", model=model_id, error=type(exc).__name__, detail=str(exc)[:200])
+    mark = info.extra.pop("cadence_mark", None)
+    if mark is not None:
+        _rollback_cadence(model_id, *mark)
+
+
+def _rollback_cadence(model_id: str, at: float, previous: float | None) -> None:
+    """A failed load is never a load for the cadence: put back the record it replaced, unless
+    another load was recorded since (the read-then-restore is not atomic; a concurrent record
+    of the same model in between is kept)."""
+    cadence = _layer("metal_guard.cadence")
+    if cadence is None:
+        return
+    try:
+        guard = cadence.CadenceGuard()
+        if guard.last_ts(model_id) != at:
+            return
+        if previous is None:
+            guard.reset(model_id)
+        else:
+            guard.mark_load(model_id, ts=previous)
+    except Exception as exc:
+        log.warning("could not roll back the cadence record of a failed load of %s: %s", model_id, exc)
 
 
 def load_done(model_id: str, info: Any, elapsed_sec: float) -> None:

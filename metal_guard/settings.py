@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +107,44 @@ def parse_mode(name: str, raw: str) -> str:
     # Documented fallback: a typo in the mode must not disable protection.
     log.warning("%s=%r is not one of %s; using %r", name, raw, "/".join(MODES), DEFENSIVE)
     return DEFENSIVE
+
+
+#: Units of a duration (Go / Ollama spelling): ``30s``, ``5m``, ``1h30m``, ``250ms``.
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h)")
+MAX_DURATION_SEC = 1e9
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a duration: a number (seconds) or Go/Ollama units (``30s``, ``5m``, ``1h30m``),
+    optionally signed (a negative value is returned as is). Raises ``ValueError``."""
+    raw = str(text).strip()
+    if not raw or len(raw) > 64:
+        raise ValueError(f"not a duration: {raw[:64]!r}")
+    sign = -1.0 if raw[0] == "-" else 1.0
+    body = raw[1:] if raw[0] in "+-" else raw
+    try:
+        value = float(body)
+    except ValueError:
+        parts = _DURATION_PART.findall(body)
+        if not parts or "".join(n + u for n, u in parts) != body:
+            raise ValueError(f"not a duration: {raw!r} (e.g. 30s, 5m, 1h, 0, -1)") from None
+        value = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite duration: {raw!r}")
+    if value > MAX_DURATION_SEC:
+        raise ValueError(f"duration too large: {raw!r} (at most {MAX_DURATION_SEC:.0f} s)")
+    return sign * value
+
+
+def parse_keep_alive(name: str, raw: str) -> float:
+    """A keep-alive with Ollama's semantics: seconds, ``0`` = at once, negative = never (-1.0)."""
+    try:
+        value = duration_seconds(raw)
+    except ValueError:
+        raise SettingsError(name, raw, "a duration such as 30s, 5m, 1h, 0 (unload after every "
+                                       "request) or -1 (never)") from None
+    return -1.0 if value < 0 else value
 
 
 PROCESS_MODES = ("server", "embedded", "notebook", "cli", "subprocess_worker")
@@ -270,6 +310,10 @@ VARIABLES: tuple[_Var, ...] = (
          "Adapters: enforce L9 cadence between model loads."),
     _Var("METALGUARD_PROMPT_CACHE_MAX_BYTES", "prompt_cache_max_bytes", _i(0), None,
          "mlx_lm.server adapter: cap the prompt cache in bytes on every path (0/unset = off)."),
+    _Var("METALGUARD_SERVER_KEEP_ALIVE", "server_keep_alive_sec", parse_keep_alive, -1.0,
+         "mlx_lm.server adapter: unload the model after this long without requests (30s, 5m, 1h; 0 = after every request; -1 = never). A request's `keep_alive` field overrides it, as in Ollama."),
+    _Var("METALGUARD_SERVER_UNLOAD_ON_PRESSURE", "server_unload_on_pressure", parse_bool, False,
+         "mlx_lm.server adapter: also unload the model early when memory pressure turns high (warn/critical) while no request is in flight."),
     _Var("METALGUARD_TEST_SERVER_OOM_EVERY", "test_server_oom_every", _i(0), 0,
          "mlx_lm.server adapter, tests only: every N-th request fails with a simulated Metal OOM (0 = off). Never set in production."),
     # mlx-safe-python
@@ -337,6 +381,8 @@ class Settings:
     cadence: bool = True
     prompt_cache_max_bytes: int | None = None
     test_server_oom_every: int = 0
+    server_keep_alive_sec: float = -1.0
+    server_unload_on_pressure: bool = False
     safe_python_bin: Path | None = None
     safe_python_force: bool = False
     #: Names of the fields that came from the environment (for `doctor`).

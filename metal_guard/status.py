@@ -267,7 +267,9 @@ def get_status_snapshot(
 
 def snapshot_health(snap: Mapping[str, Any]) -> tuple[int, str]:
     """``(exit_code, label)``: 0 ok, 1 warn (GPU panics/aborts, open breaker, collector
-    errors), 2 cooldown/lockout active, 3 gate broken. Tolerates any JSON shape."""
+    errors, or — in a guarded server's snapshot — the server cannot serve: label
+    ``SERVER NOT READY (<reason>)``), 2 cooldown/lockout active, 3 gate broken. Tolerates any
+    JSON shape."""
 
     def m(value: Any) -> Mapping[str, Any]:
         return value if isinstance(value, Mapping) else {}
@@ -279,6 +281,10 @@ def snapshot_health(snap: Mapping[str, Any]) -> tuple[int, str]:
         return 2, str(gate.get("state") or "cooldown").upper()
     if code == 3:
         return 3, "GATE BROKEN"
+    server = m(snap.get("server"))
+    if server.get("ready") is False:
+        reason = "".join(c for c in str(server.get("not_ready_reason") or "unknown")[:60] if c.isprintable())
+        return 1, f"SERVER NOT READY ({reason})"
     panics = snap.get("recent_panics")
     gpu_panic = isinstance(panics, list) and any(m(p).get("is_gpu") for p in panics)
     if gpu_panic or snap.get("recent_aborts") or m(snap.get("breaker")).get("in_cooldown") \

@@ -78,7 +78,8 @@ def render_prometheus(snap: Mapping[str, Any]) -> str:
             snap.get("captured_at_ts"))
     health, _label = snapshot_health(snap)
     out.one("health_exit_code", "Exit code `metal-guard status` would return (0 ok, 1 warn, "
-            "2 cooldown, 3 gate broken).", health)
+            "2 cooldown, 3 gate broken); a guarded server's own /metrics counts the server being "
+            "unable to serve as 1.", health)
     gate = _m(snap.get("panic_cooldown"))
     out.one("panic_gate_exit_code", "L10 gate verdict: 0 proceed, 2 cooldown/lockout, 3 broken.",
             gate.get("exit_code"))
@@ -124,7 +125,43 @@ def render_prometheus(snap: Mapping[str, Any]) -> str:
                        [(labels(p), _m(p.get("memory")).get(key)) for p in procs])
         out.metric("heartbeat_age_seconds", "Age of each guarded process's memory heartbeat.",
                    [(labels(p), p.get("age_sec")) for p in procs])
+    server = snap.get("server")
+    if isinstance(server, Mapping):
+        _server(out, server)
     errors = _m(snap.get("errors"))
     out.metric("collector_error", "1 for each snapshot collector that failed.",
                [({"collector": str(name)}, 1) for name in sorted(map(str, errors))])
     return "\n".join(out.lines) + "\n"
+
+
+#: The ``server`` section of a guarded ``mlx_lm.server`` (its own ``/metrics``): key -> help.
+_SERVER_GAUGES = {
+    "ready": "1 while the server can take requests (loaded, or able to load on demand).",
+    "model_loaded": "1 while a model is loaded (0 after a keep-alive unload).",
+    "generation_up": "1 while the generation thread is alive.",
+    "keep_alive_seconds": "Seconds an idle model stays loaded after the last request (-1 = forever).",
+    "prompt_cache_bytes": "Bytes held by the prompt cache.",
+    "prompt_cache_entries": "Entries in the prompt cache.",
+    "in_flight_requests": "Completion requests being answered.",
+}
+_SERVER_GAUGE_KEYS = {"generation_up": "generation_alive", "keep_alive_seconds": "keep_alive_sec",
+                      "in_flight_requests": "in_flight"}
+_SERVER_MEMORY = {
+    "active_bytes": "MLX active memory of this server process.",
+    "cache_bytes": "MLX buffer-cache memory of this server process.",
+    "peak_bytes": "MLX peak memory of this server process.",
+}
+
+
+def _server(out: _Out, server: Mapping[str, Any]) -> None:
+    """``metal_guard_server_*``: label-free series, stable across restarts and model switches."""
+    from metal_guard.adapters._server_state import COUNTERS
+
+    for name, help_ in _SERVER_GAUGES.items():
+        out.one("server_" + name, help_, server.get(_SERVER_GAUGE_KEYS.get(name, name)))
+    for name, help_ in COUNTERS.items():
+        metric = name if name.endswith("_total") else name + "_total"
+        out.metric("server_" + metric, help_, [({}, server.get(name))], kind="counter")
+    memory = _m(server.get("memory"))
+    for name, help_ in _SERVER_MEMORY.items():
+        out.one("server_memory_" + name, help_, memory.get(name))

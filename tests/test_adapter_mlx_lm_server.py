@@ -4,17 +4,14 @@ The server is the library's own ``ModelProvider`` / ``ResponseGenerator`` / ``AP
 ``ThreadingHTTPServer`` bound to 127.0.0.1 — only the argparse step of ``main()`` is skipped.
 OOMs are real exceptions raised from inside the generation step by the adapter's test-only
 fault (``METALGUARD_TEST_SERVER_OOM_EVERY``), carrying MLX's exact Metal OOM text.
-``tests/e2e/test_server.py`` runs the real ``python -m mlx_lm server`` under ``metal-guard run``.
+``tests/e2e/test_server.py`` runs the real ``python -m mlx_lm server`` under ``metal-guard run``;
+``tests/test_server_*.py`` cover readiness, switches, keep-alive, errors and the batched path.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
-import threading
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,60 +21,10 @@ import pytest
 
 server = pytest.importorskip("mlx_lm.server")
 
+from server_support import Server  # noqa: E402
+
 from metal_guard import installer as mg  # noqa: E402
 from metal_guard.adapters import _server_http as http  # noqa: E402
-
-
-def server_args(model: Path, **over: Any) -> argparse.Namespace:
-    """The Namespace ``mlx_lm.server.main()`` would build (0.32.2 defaults)."""
-    values: dict[str, Any] = dict(
-        model=str(model), adapter_path=None, draft_model=None, num_draft_tokens=3,
-        trust_remote_code=False, chat_template="", use_default_chat_template=False, temp=0.0,
-        top_p=1.0, top_k=0, min_p=0.0, max_tokens=16, chat_template_args={},
-        decode_concurrency=32, prompt_concurrency=8, prefill_step_size=2048, prompt_cache_size=10,
-        prompt_cache_bytes=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
-        pipeline=False, allowed_origins=["*"], host="127.0.0.1", port=0, log_level="INFO")
-    values.update(over)
-    return argparse.Namespace(**values)
-
-
-class Server:
-    def __init__(self, model: Path, **over: Any) -> None:
-        from http.server import ThreadingHTTPServer
-
-        self.provider = server.ModelProvider(server_args(model, **over))
-        self.generator = server.ResponseGenerator(
-            self.provider, server.LRUPromptCache(self.provider.cli_args.prompt_cache_size))
-        self.httpd = ThreadingHTTPServer(
-            ("127.0.0.1", 0), lambda *a, **k: server.APIHandler(self.generator, *a, **k))
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def request(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
-
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        status, _headers, raw = self.request(path, body)
-        return status, json.loads(raw)
-
-    def complete(self, prompt: str = "hello there", **extra: Any) -> tuple[int, dict[str, Any]]:
-        return self.post("/v1/completions", {"prompt": prompt, "max_tokens": 4, **extra})
-
-    def state(self) -> http.ServerState:
-        return http.state_for(self.provider)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.generator.stop_and_join()
 
 
 @pytest.fixture
@@ -163,8 +110,9 @@ def test_oom_in_batched_loop_answers_503_and_keeps_serving(
         assert srv.complete()[0] == 200
         status, headers, raw = srv.request("/v1/completions", {"prompt": "again", "max_tokens": 4})
         assert status == 503
-        body = json.loads(raw)
-        assert body["type"] == "metal_oom" and "Insufficient Memory" in body["error"]
+        error = json.loads(raw)["error"]
+        assert error["code"] == "metal_oom" and "Insufficient Memory" in error["message"]
+        assert error["type"] == "service_unavailable_error" and error["param"] is None
         assert headers["Retry-After"] == "1"
         # the generation thread survived: the next requests succeed
         assert srv.complete()[0] == 200
@@ -186,7 +134,7 @@ def test_oom_on_sequential_path_answers_503_and_drops_prompt_cache(
         assert srv.complete(seed=1)[0] == 200
         assert len(srv.generator.prompt_cache) == 1
         status, body = srv.complete("other prompt", seed=1)
-        assert status == 503 and body["type"] == "metal_oom"
+        assert status == 503 and body["error"]["code"] == "metal_oom"
         assert len(srv.generator.prompt_cache) == 0  # released after the OOM
         assert srv.state().counters["oom_recoveries_total"] == 0  # the loop never died
         assert srv.state().last_oom is not None and srv.state().last_oom["where"] == "sequential"
@@ -207,7 +155,9 @@ def test_oom_mid_stream_ends_the_stream_with_an_error_event(
         events = [line[len("data: "):] for line in raw.decode().splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         last = json.loads(events[-2])
-        assert last["type"] == "metal_oom"
+        assert last["error"]["code"] == "metal_oom"
+        counters = srv.state().counters
+        assert counters["stream_errors_total"] == 1 and counters["responses_503_total"] == 0
     finally:
         mg.uninstall()
     # uninstalled: the fault is gone and the same server answers normally
@@ -236,8 +186,9 @@ def test_model_switch_releases_previous_model_and_enforces_cadence(
     status, headers, raw = srv.request("/v1/completions",
                                        {"prompt": "x", "max_tokens": 2, "model": str(tiny_model_path)})
     assert status == 503
-    body = json.loads(raw)
-    assert body["type"] == "model_switch_cadence" and int(headers["Retry-After"]) > 100
+    error = json.loads(raw)["error"]
+    assert error["code"] == "model_switch_cadence" and error["param"] == "model"
+    assert int(headers["Retry-After"]) > 100
     assert srv.provider.model_key[0] == str(second_model)
     assert srv.complete(model=str(second_model))[0] == 200
     counters = srv.state().counters
@@ -246,26 +197,6 @@ def test_model_switch_releases_previous_model_and_enforces_cadence(
     from metal_guard.policy import model_id_of
 
     assert model_id_of(srv.provider.model) == str(second_model)
-
-
-def test_startup_load_waits_out_the_cadence(monkeypatch: pytest.MonkeyPatch,
-                                            start_server: Callable[..., Server],
-                                            tiny_model_path: Path) -> None:
-    import time
-
-    from metal_guard.cadence import CadenceGuard
-
-    monkeypatch.setenv("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "1.0")
-    CadenceGuard().mark_load(str(tiny_model_path))  # "the server crashed and restarted at once"
-    mg.install()
-    try:
-        started = time.monotonic()
-        srv = start_server(tiny_model_path)
-        assert srv.complete()[0] == 200
-        assert time.monotonic() - started >= 0.8
-        assert srv.state().counters["cadence_waits_total"] == 1
-    finally:
-        mg.uninstall()
 
 
 @pytest.mark.parametrize("cap", [None, 150_000])
@@ -311,3 +242,30 @@ def test_unavailable_classification() -> None:
     assert http.unavailable(ModelDoesNotFitError("too big")) == ("model_does_not_fit", None)
     assert http.unavailable(RuntimeError("generation thread died"))[0] == "generation_unavailable"  # type: ignore[index]
     assert http.unavailable(ValueError("bad request")) is None
+
+
+def test_oom_restart_keeps_the_model_being_served(
+        monkeypatch: pytest.MonkeyPatch, start_server: Callable[..., Server], tiny_model_path: Path,
+        second_model: Path) -> None:
+    """The restarted loop does not reload the start-up model over the one being served (that
+    reload met the cadence and killed the generation thread)."""
+    from metal_guard.policy import refresh_settings
+
+    mg.install()
+    try:
+        srv = start_server(tiny_model_path)
+        assert srv.complete()[0] == 200
+        assert srv.complete(model=str(second_model))[0] == 200
+        monkeypatch.setenv("METALGUARD_TEST_SERVER_OOM_EVERY", "1")
+        refresh_settings()
+        status, body = srv.complete(model=str(second_model))
+        assert status == 503 and body["error"]["code"] == "metal_oom"
+        monkeypatch.delenv("METALGUARD_TEST_SERVER_OOM_EVERY")
+        refresh_settings()
+        assert srv.complete(model=str(second_model))[0] == 200
+        assert srv.generator.generation_available()
+        assert srv.provider.model_key[0] == str(second_model)
+        counters = srv.state().counters
+        assert counters["oom_recoveries_total"] == 1 and counters["model_loads_total"] == 2
+    finally:
+        mg.uninstall()

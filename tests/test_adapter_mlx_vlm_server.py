@@ -65,8 +65,9 @@ def test_second_oom_reply_carries_retry_after(tiny_vlm_path: Path, tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["codes"] == [503, 503] and out["retry_after"] == "1"
-    assert out["first"]["type"] == "metal_oom" and out["first"]["retry_after_sec"] == 1
-    assert "Insufficient Memory" in out["first"]["error"]
+    error = out["first"]["error"]  # OpenAI-shaped, like the mlx_lm.server adapter's
+    assert error["code"] == "metal_oom" and error["type"] == "service_unavailable_error"
+    assert "Insufficient Memory" in error["message"]
 
 
 def test_uninstall_removes_the_routes() -> None:

@@ -11,6 +11,7 @@ site                                   policy     what the policy sees
 ``mlx_lm.generate:stream_generate``    generate   same, applied per resumption
 ``mlx_lm.generate:batch_generate``     generate   counts one inference per prompt
 ``mlx_lm.generate:BatchGenerator.insert``  generate   counts the inserted prompts, prefill guard
+``…:BatchGenerator.insert_segments``   generate   same (``insert`` calls it; counted once)
 ``mlx_lm.generate:BatchGenerator.next``    step       OOM protection per batch step
 ``mlx_lm.generate:BatchGenerator.next_generated``  step  same
 =====================================  =========  =============================================
@@ -98,6 +99,24 @@ def describe_batch_insert(instance: Any, args: tuple[Any, ...], kwargs: dict[str
                   "mlx_lm.generate:BatchGenerator.insert")
 
 
+def describe_batch_insert_segments(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallInfo:
+    """``insert_segments(segments, ...)``: one prompt per entry, each a list of token segments
+    (what ``mlx_lm.server`` 0.32 inserts after a prompt-cache hit); its length is their sum."""
+    segments = _arg(args, kwargs, 0, "segments")
+    count, longest = 1, None
+    if isinstance(segments, (list, tuple)):
+        count = len(segments)
+        lengths = []
+        for prompt in segments:
+            parts = [_tokens(seg) for seg in prompt] if isinstance(prompt, (list, tuple)) else [None]
+            if parts and all(n is not None for n in parts):
+                lengths.append(sum(n for n in parts if n is not None))
+        longest = max(lengths) if lengths else None
+    model = getattr(instance, "model", None)
+    return CallInfo("mlx_lm.generate:BatchGenerator.insert_segments", model=model,
+                    model_id=model_id_of(model), prompt_tokens=longest, count=count)
+
+
 def describe_batch_step(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallInfo:
     model = getattr(instance, "model", None)
     return CallInfo("mlx_lm.generate:BatchGenerator.next", model=model, model_id=model_id_of(model))
@@ -172,6 +191,8 @@ TARGETS: tuple[Target, ...] = (
            wrapper=wrap_stream_generate),
     Target("mlx_lm.generate", "batch_generate", "generate", describe_batch_generate),
     Target("mlx_lm.generate", "BatchGenerator.insert", "generate", describe_batch_insert),
+    Target("mlx_lm.generate", "BatchGenerator.insert_segments", "generate",
+           describe_batch_insert_segments, required=False),
     Target("mlx_lm.generate", "BatchGenerator.next", "step", describe_batch_step),
     Target("mlx_lm.generate", "BatchGenerator.next_generated", "step", describe_batch_step),
 )

@@ -1,60 +1,55 @@
-"""Adapter for ``mlx_lm.server`` (0.32): model switches, 503 on OOM, status routes, cache cap.
+"""Adapter for ``mlx_lm.server`` (0.32): never worse than the plain server, honest readiness.
 
 ``mlx_lm.server`` runs a ``ThreadingHTTPServer`` (one thread per request) and **one generation
 thread** that loads models and does all MLX work. Unguarded, a Metal OOM answers HTTP 404 on the
-sequential path and kills the generation thread on the batched path (every later request then
-fails and ``/health`` says 503). With this adapter:
+sequential path and kills the generation thread on the batched path. With this adapter:
 
 =================================================  ==============================================
 site                                               what metal-guard does
 =================================================  ==============================================
-``ModelProvider._load`` (called by ``load`` only   cadence before a switch (start-up waits it out,
-when the requested model changes)                  a request-time switch is refused with 503 +
-                                                   ``Retry-After`` and the current model keeps
-                                                   serving); the previous model and its prompt-cache
-                                                   entries are released (gc, sync, cache flush)
-                                                   *before* the fit check; then the load policy
-                                                   (gate, breaker, registry, fit, cadence record,
-                                                   lock, breadcrumbs, ledger)
-``ResponseGenerator._generate``                    supervisor: an OOM that escapes the batched loop
-                                                   fails the in-flight requests with 503, releases
-                                                   memory and restarts the loop (at most
-                                                   :data:`MAX_RECOVERIES` per minute; after that the
-                                                   thread dies as before); applies the prompt-cache
-                                                   byte cap (``prompt_cache_max_bytes``) to every path
-``ResponseGenerator._next_request``                tracks the requests the generation thread took
-``ResponseGenerator._serve_single``                after an OOM on the sequential path: drops the
-                                                   prompt cache and flushes MLX's buffer cache
-``ResponseGenerator.generate`` /                   an OOM (or a refused switch, or a dead generation
-``APIHandler.handle_completion``                   thread) answers **503** with a JSON error
-                                                   ``{"error", "type", "retry_after_sec"}``; in the
-                                                   middle of an SSE stream, a final ``data:`` event
-``APIHandler.do_GET``                              ``GET /metal-guard/status`` (snapshot JSON plus a
-                                                   ``server`` section) and ``GET /metrics``
-                                                   (Prometheus text)
-``_make_sampler``                                  test-only fault injection
-                                                   (``METALGUARD_TEST_SERVER_OOM_EVERY``)
+``ModelProvider._load`` (only when the requested   switch order of :mod:`._server_switch`: model
+model differs from the loaded one)                 resolvable, policies, *then* release, then the
+                                                   load policy; a failed switch brings the previous
+                                                   model back. Also performs keep-alive unloads
+``ModelProvider.load_default``                     skipped when the loop restarts after an OOM
+``ResponseGenerator._generate``                    supervisor: OOM → in-flight requests get 503,
+                                                   memory released, loop restarted (at most
+                                                   :data:`MAX_RECOVERIES` a minute); when it cannot
+                                                   go on: not ready, and the process exits with
+                                                   :data:`EXIT_SERVER_GAVE_UP` if we own it
+``ResponseGenerator._next_request``                readiness, request tracking, keep-alive expiry
+``ResponseGenerator._serve_single``                after an OOM on the sequential path: prompt
+                                                   cache dropped, MLX's buffer cache flushed
+``ResponseGenerator.generate``,                    not ready → 503 at once; errors → OpenAI-shaped
+``APIHandler.handle_completion``                   404/503, or an SSE error event mid-stream;
+                                                   the request's ``keep_alive`` field
+``APIHandler.do_GET``                              ``/health`` while not ready, ``/metal-guard/
+                                                   status``, ``/metrics``
+``run``                                            owns the process: exit code after giving up
+``_make_sampler``                                  test-only fault (``METALGUARD_TEST_SERVER_OOM_EVERY``)
 =================================================  ==============================================
 
-Generation itself (``stream_generate``, ``BatchGenerator.next``) is guarded by the ``mlx_lm``
-adapter through the server's own aliases. The HTTP side lives in :mod:`._server_http`.
+Generation itself (``stream_generate``, ``BatchGenerator.insert`` / ``insert_segments`` /
+``next``) is guarded by the ``mlx_lm`` adapter through the server's own aliases.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
-from pathlib import Path
+import weakref
 from typing import Any
 
 from metal_guard.adapters import _server_http as http
+from metal_guard.adapters import _server_keepalive as keepalive
+from metal_guard.adapters import _server_switch as switch
+from metal_guard.adapters._server_state import ServerState, TrackedQueue
 from metal_guard.adapters.base import Target
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
-from metal_guard.policy import CallInfo
 
 NAME = "mlx_lm_server"
 log = logging.getLogger("metal_guard.adapters.mlx_lm_server")
@@ -62,6 +57,13 @@ log = logging.getLogger("metal_guard.adapters.mlx_lm_server")
 #: At most this many OOM restarts of the batched loop within :data:`RECOVERY_WINDOW_SEC`.
 MAX_RECOVERIES = 10
 RECOVERY_WINDOW_SEC = 60.0
+#: Exit code of a server process that gave up (generation can no longer make progress): a
+#: supervisor (launchd ``KeepAlive``/``SuccessfulExit=false``, systemd ``Restart=on-failure``)
+#: restarts it. Same value as ``metal_guard.cli.EXIT_SERVER_GAVE_UP`` (EX_UNAVAILABLE).
+EXIT_SERVER_GAVE_UP = 69
+#: After giving up: how long in-flight answers may take before the process exits anyway.
+EXIT_DRAIN_SEC = 10.0
+EXIT_GRACE_SEC = 5.0
 #: What the test fault raises: the exact MLX 0.32 text of a Metal command-buffer OOM.
 SIMULATED_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
                  "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory).")
@@ -70,113 +72,12 @@ SIMULATED_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
 _thread = threading.local()
 
 
-
-def _release_memory() -> None:
-    """gc, wait for queued GPU work, then return MLX's buffer cache to the system."""
-    from metal_guard import backend
-
-    gc.collect()
-    for step in (backend.synchronize, backend.clear_cache):
-        try:
-            step(load=False)
-        except Exception as exc:
-            log.debug("%s failed: %s", step.__name__, exc)
-
-
-def _drop_prompt_cache(generator: Any) -> None:
-    cache = getattr(generator, "prompt_cache", None) if generator is not None else None
-    if cache is not None:
-        try:
-            cache.trim_to(n_sequences=0)
-        except Exception as exc:
-            log.debug("prompt cache trim failed: %s", exc)
-
-
-def _generator_of(provider: Any) -> Any | None:
-    ref = http.state_for(provider).generator
-    return ref() if ref is not None else None
-
-
-# --------------------------------------------------------------------------- model switches
-
-
-def describe_provider_load(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallInfo:
-    ref = args[0] if args else kwargs.get("model_path")
-    model_id = os.fspath(ref) if isinstance(ref, (str, os.PathLike)) else None
-    local = None
-    if model_id and Path(model_id).expanduser().is_dir():
-        local = str(Path(model_id).expanduser())
-    return CallInfo("mlx_lm.server:ModelProvider._load", model_id=model_id, local_path=local)
-
-
-_load_guard: Any = None
-
-
-def _load_policy() -> Any:
-    global _load_guard
-    if _load_guard is None:
-        from metal_guard.adapters.base import guard_wrapper
-
-        _load_guard = guard_wrapper("load", "call", site="mlx_lm.server:ModelProvider._load",
-                                    describe=describe_provider_load, generation=None)
-    return _load_guard
-
-
-def _cadence_before_switch(model_id: str, startup: bool, state: http.ServerState) -> None:
-    """Start-up waits out the cadence (a crash-looping server must not reload at once); a
-    switch at request time is refused (503 + Retry-After) and the current model keeps serving."""
-    from metal_guard.policy import settings_for_call
-
-    settings = settings_for_call()
-    if not (settings.cadence and settings.is_defensive):
-        return  # observer mode: the load policy records what it would refuse
-    from metal_guard.cadence import CadenceGuard
-
-    guard = CadenceGuard(min_interval_sec=settings.cadence_min_interval_sec,
-                         cross_model_interval_sec=settings.cross_model_interval_sec)
-    if not startup:
-        try:
-            guard.check(model_id)
-        except Exception:
-            state.bump("model_switch_refused_total")
-            raise
-        return
-    wait = guard.seconds_until_clear(model_id)
-    if wait > 0:
-        state.bump("cadence_waits_total")
-        log.warning("mlx_lm.server: %s was loaded recently; waiting %.1f s for the load cadence",
-                    model_id, wait)
-        _crumb("SERVER_CADENCE_WAIT", model_id, wait_sec=f"{wait:.1f}")
-        time.sleep(wait)
-
-
-def _provider_load(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    info = describe_provider_load(provider, args, kwargs)
-    model_id = info.model_id or "unknown-model"
-    state = http.state_for(provider)
-    previous = getattr(provider, "model_key", None)
-    startup = state.counters["model_loads_total"] == 0
-    _cadence_before_switch(model_id, startup, state)
-    if getattr(provider, "model", None) is not None:
-        # Release the previous model first, so the fit check sees the memory it frees.
-        _crumb("SERVER_SWITCH", model_id, previous=previous[0] if previous else "-")
-        provider.reset()
-        _drop_prompt_cache(_generator_of(provider))
-        _release_memory()
-    try:
-        result = _load_policy()(wrapped, provider, args, kwargs)
-    except Exception:
-        if not startup:
-            state.bump("model_switch_refused_total")
-        raise
-    state.bump("model_loads_total")
-    model = getattr(provider, "model", None)
-    if model is not None:
-        from metal_guard import _policy_steps, policy
-
-        _policy_steps.forget_model(model)
-        policy.remember_model(model, model_id)
-    return result
+def _load_default(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Skipped when the loop restarts after an OOM: the served model (which may be another
+    one, or none after an idle unload) stays as it is."""
+    if getattr(_thread, "restarting", False):
+        return None
+    return wrapped(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- generation thread
@@ -204,32 +105,77 @@ def _public_error(exc: BaseException) -> BaseException:
                          error_class=getattr(exc, "error_class", None))
 
 
-def _recover(generator: Any, state: http.ServerState, exc: BaseException) -> None:
-    error = _public_error(exc)
-    queues = state.take_inflight()
-    for queue in queues:
+def _fail_live_requests(state: ServerState, error: BaseException) -> int:
+    answered = 0
+    for queue in state.live_requests():
         try:
             queue.put(error)
+            answered += 1
         except Exception as err:
             log.debug("could not fail a request: %s", err)
+    return answered
+
+
+def _recover(generator: Any, state: ServerState, exc: BaseException) -> None:
+    answered = _fail_live_requests(state, _public_error(exc))
     if exc.__traceback__ is not None:
         traceback.clear_frames(exc.__traceback__)
-    _drop_prompt_cache(generator)
-    _release_memory()
-    _crumb("SERVER_OOM_RECOVERED", str(exc)[:200], failed_requests=len(queues))
-    log.warning("mlx_lm.server: Metal OOM in the batched generation loop; %d request(s) answered "
-                "503, memory released, generation loop restarted", len(queues))
+    switch.drop_prompt_cache(generator)
+    switch.release_memory()
+    _crumb("SERVER_OOM_RECOVERED", str(exc)[:200], answered_503=answered)
+    log.warning("mlx_lm.server: Metal OOM in the batched generation loop; %d request(s) in "
+                "flight answered 503, memory released, generation loop restarted", answered)
+
+
+def _give_up(generator: Any, state: ServerState, exc: BaseException, why: str) -> None:
+    """The generation thread stops for good: not ready, in-flight requests answered, and — when
+    this process is the server (``mlx_lm.server.run``) — exit with :data:`EXIT_SERVER_GAVE_UP`."""
+    with state.lock:
+        state.phase, state.reason, state.wait_until = "gave_up", "generation_unavailable", None
+    error = _public_error(exc) if http.is_oom(exc) else RuntimeError("generation thread died")
+    answered = _fail_live_requests(state, error)
+    exits = state.owns_process
+    _crumb("SERVER_GAVE_UP", why[:200], answered_503=answered,
+           exit_code=EXIT_SERVER_GAVE_UP if exits else "-")
+    log.error("mlx_lm.server: %s; the generation thread stops (%d request(s) in flight answered "
+              "503)%s", why, answered,
+              f"; the process exits with code {EXIT_SERVER_GAVE_UP} so a supervisor restarts it"
+              if exits else "")
+    if exits:
+        threading.Thread(target=_exit_when_drained, args=(generator, state),
+                         name="metal-guard-server-exit", daemon=True).start()
+
+
+def _exit_when_drained(generator: Any, state: ServerState) -> None:
+    import _thread as low
+
+    try:
+        generator.join()
+    except Exception as exc:
+        log.debug("join of the generation thread failed: %s", exc)
+    deadline = time.monotonic() + EXIT_DRAIN_SEC
+    while state.active_handlers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.error("mlx_lm.server: exiting with code %d (gave up)", EXIT_SERVER_GAVE_UP)
+    low.interrupt_main()  # serve_forever returns; the ``run`` wrapper exits with the code
+    time.sleep(EXIT_GRACE_SEC)
+    for stream in (sys.stdout, sys.stderr):  # SIGINT ignored (e.g. started with ``&``): hard exit
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(EXIT_SERVER_GAVE_UP)
 
 
 def _supervise_generate(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    import weakref
-
     provider = getattr(generator, "model_provider", None)
     if provider is None:
         return wrapped(*args, **kwargs)
     state = http.state_for(provider)
     state.generator = weakref.ref(generator)
+    state.supervised = True
     _thread.state = state
+    _thread.restarting = False
     try:
         _apply_prompt_cache_cap(generator)
     except Exception as exc:
@@ -238,58 +184,60 @@ def _supervise_generate(wrapped: Any, generator: Any, args: tuple[Any, ...], kwa
         try:
             return wrapped(*args, **kwargs)
         except Exception as exc:
-            if not http.is_oom(exc) or getattr(generator, "_stop", False):
+            if getattr(generator, "_stop", False):
                 raise
-            state.note_oom(exc, "batched")
-            if not state.may_recover(MAX_RECOVERIES, RECOVERY_WINDOW_SEC):
-                log.error("mlx_lm.server: %d OOM recoveries within %.0f s; giving up (the "
-                          "generation thread stops, /health answers 503)", MAX_RECOVERIES,
-                          RECOVERY_WINDOW_SEC)
-                raise
-            _recover(generator, state, exc)
+            if http.is_oom(exc):
+                state.note_oom(exc, "batched")
+                if state.may_recover(MAX_RECOVERIES, RECOVERY_WINDOW_SEC):
+                    _recover(generator, state, exc)
+                    _thread.restarting = True
+                    continue
+                why = f"{MAX_RECOVERIES} OOM recoveries within {RECOVERY_WINDOW_SEC:.0f} s"
+            else:
+                why = f"the generation loop failed: {type(exc).__name__}: {str(exc)[:200]}"
+            _give_up(generator, state, exc, why)
+            raise
 
 
 def _next_request(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     request = wrapped(*args, **kwargs)
-    if request is not None:
-        provider = getattr(generator, "model_provider", None)
-        if provider is not None:
-            http.state_for(provider).track(request[0])
-    return request
-
-
-class _WatchedQueue:
-    """Stands in for a request's queue inside ``_serve_single`` and notes an OOM put into it."""
-
-    __slots__ = ("failure", "queue")
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-        self.failure: BaseException | None = None
-
-    def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
-        if isinstance(item, BaseException) and http.is_oom(item):
-            self.failure = item
-            if item.__traceback__ is not None:  # free the finished generation frames now
-                traceback.clear_frames(item.__traceback__)
-        self.queue.put(item, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.queue, name)
+    provider = getattr(generator, "model_provider", None)
+    if provider is None:
+        return request
+    state = http.state_for(provider)
+    if state.phase != "ready":
+        state.set_phase("ready")  # start-up (load_default) is done once the loop asks for work
+    if request is None:
+        state.idle_polls += 1  # only this thread writes it
+        if not state.active_handlers:
+            reason = keepalive.due(state, generator, provider)
+            if reason is not None:
+                return keepalive.unload_request(reason)
+        return None
+    if not isinstance(request, tuple) or not request:
+        return request
+    tracked = TrackedQueue(request[0])
+    state.track(tracked)
+    return (tracked, *request[1:])
 
 
 def _serve_single(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not args or not isinstance(args[0], tuple) or not args[0]:
         return wrapped(*args, **kwargs)
-    watched = _WatchedQueue(args[0][0])
-    result = wrapped((watched, *args[0][1:]), *args[1:], **kwargs)
-    if watched.failure is not None:
+    if keepalive.is_unload(args[0]):
+        return None  # the model was released by the load wrapper; nobody to answer
+    queue = args[0][0]
+    result = wrapped(*args, **kwargs)
+    failure = getattr(queue, "failure", None) if isinstance(queue, TrackedQueue) else None
+    if failure is not None and http.is_oom(failure):
+        if failure.__traceback__ is not None:  # free the finished generation frames now
+            traceback.clear_frames(failure.__traceback__)
         provider = getattr(generator, "model_provider", None)
         if provider is not None:
-            http.state_for(provider).note_oom(watched.failure, "sequential")
-        _drop_prompt_cache(generator)
-        _release_memory()
-        _crumb("SERVER_OOM_RELEASED", str(watched.failure)[:200], path="sequential")
+            http.state_for(provider).note_oom(failure, "sequential")
+        switch.drop_prompt_cache(generator)
+        switch.release_memory()
+        _crumb("SERVER_OOM_RELEASED", str(failure)[:200], path="sequential")
     return result
 
 
@@ -300,7 +248,7 @@ def _fault_sampler(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
 
     sampler = wrapped(*args, **kwargs)
     every = hot_settings().test_server_oom_every
-    state: http.ServerState | None = getattr(_thread, "state", None)
+    state: ServerState | None = getattr(_thread, "state", None)
     if not every or state is None:
         return sampler
     with state.lock:
@@ -321,49 +269,98 @@ def _fault_sampler(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
 
 def _client_generate(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     provider = getattr(generator, "model_provider", None)
-    if provider is not None:
-        http.state_for(provider).bump("requests_total")
+    state = http.state_for(provider) if provider is not None else None
     try:
+        if state is not None:
+            state.bump("requests_total")
+            blocked = state.not_ready()
+            if blocked is not None and blocked[0] != "starting":  # a load in progress: queue
+                raise http.NotReady(blocked[1], blocked[2], blocked[0])
         return wrapped(*args, **kwargs)
     except Exception as exc:
         handler = http.current_handler()
-        verdict = http.unavailable(exc)
-        if handler is None or verdict is None:
+        answer = http.answer_for(exc)
+        if handler is None or answer is None:
             raise
-        http.answer_unavailable(handler, exc, *verdict, midstream=False)
+        http.send_error(handler, exc, answer, midstream=False)
         raise http.Answered() from None
 
 
+def _bad_keep_alive(handler: Any, message: str) -> None:
+    from metal_guard.adapters import _openai_errors as oai
+
+    try:
+        http.send_body(handler, 400, oai.encode_error(message, oai.INVALID_REQUEST, "invalid_value",
+                                                      "keep_alive"), "application/json")
+    except OSError:
+        pass
+
+
 def _handle_completion(wrapped: Any, handler: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    body = getattr(handler, "body", None)
+    keep_alive: float | None = None
+    if isinstance(body, dict) and "keep_alive" in body:
+        try:
+            keep_alive = keepalive.parse_request_keep_alive(body["keep_alive"])
+        except ValueError as exc:
+            _bad_keep_alive(handler, str(exc))
+            return None
+    generator = getattr(handler, "response_generator", None)
+    provider = getattr(generator, "model_provider", None)
+    state = http.state_for(provider) if provider is not None else None
     previous = http.set_handler(handler)
+    if state is not None:
+        state.begin_request()
     try:
         return wrapped(*args, **kwargs)
     except http.Answered:
         return None
     except Exception as exc:
-        verdict = http.unavailable(exc)
-        if verdict is None:
+        answer = http.answer_for(exc)
+        if answer is None:
             raise
-        http.answer_unavailable(handler, exc, *verdict, midstream=bool(getattr(handler, "stream", False)))
+        http.send_error(handler, exc, answer, midstream=bool(getattr(handler, "stream", False)))
         return None
     finally:
         http.set_handler(previous)
+        if state is not None:
+            state.end_request(keep_alive)
 
 
 def _do_get(wrapped: Any, handler: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     path = str(getattr(handler, "path", "")).split("?", 1)[0]
-    if path in (http.STATUS_ROUTE, http.METRICS_ROUTE) and http.serve_route(handler, path):
+    if path in (http.HEALTH_ROUTE, http.STATUS_ROUTE, http.METRICS_ROUTE) and http.serve_route(handler, path):
         return None
     return wrapped(*args, **kwargs)
 
 
+def _run(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``mlx_lm.server.run(host, port, model_provider)``: this process is the server, so a
+    server that gave up exits with :data:`EXIT_SERVER_GAVE_UP`."""
+    provider = args[2] if len(args) > 2 else kwargs.get("model_provider")
+    state = http.state_for(provider) if provider is not None else None
+    if state is not None:
+        state.owns_process = True
+    try:
+        result = wrapped(*args, **kwargs)
+    except KeyboardInterrupt:
+        if state is None or not state.gave_up:
+            raise
+        result = None
+    if state is not None and state.gave_up:
+        raise SystemExit(EXIT_SERVER_GAVE_UP)
+    return result
+
+
 TARGETS: tuple[Target, ...] = (
-    Target("mlx_lm.server", "ModelProvider._load", "load", wrapper=_provider_load),
+    Target("mlx_lm.server", "ModelProvider._load", "load", wrapper=switch.provider_load),
+    Target("mlx_lm.server", "ModelProvider.load_default", "step", wrapper=_load_default),
     Target("mlx_lm.server", "ResponseGenerator._generate", "step", wrapper=_supervise_generate),
     Target("mlx_lm.server", "ResponseGenerator._next_request", "step", wrapper=_next_request),
     Target("mlx_lm.server", "ResponseGenerator._serve_single", "step", wrapper=_serve_single),
     Target("mlx_lm.server", "ResponseGenerator.generate", "generate", wrapper=_client_generate),
     Target("mlx_lm.server", "APIHandler.handle_completion", "generate", wrapper=_handle_completion),
     Target("mlx_lm.server", "APIHandler.do_GET", "step", wrapper=_do_get),
+    Target("mlx_lm.server", "run", "step", wrapper=_run, required=False),
     Target("mlx_lm.server", "_make_sampler", "step", wrapper=_fault_sampler, required=False),
 )

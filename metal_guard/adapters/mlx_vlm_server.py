@@ -96,14 +96,16 @@ def _cause(exc: BaseException) -> BaseException | None:
 def _unavailable_response(exc: BaseException) -> Any:
     from fastapi.responses import JSONResponse
 
+    from metal_guard.adapters import _openai_errors as oai
     from metal_guard.adapters import _server_http as http
 
-    verdict = http.unavailable(exc)
-    assert verdict is not None
-    kind, retry = verdict
+    answer = http.answer_for(exc)
+    assert answer is not None and answer.status == 503
     _bump("responses_503_total")
+    retry = answer.retry_after
     headers = {"Retry-After": str(retry)} if retry is not None else None
-    return JSONResponse(http.error_payload(exc, kind, retry), status_code=503, headers=headers)
+    body = oai.error_body(str(exc), answer.type, answer.code, answer.param)
+    return JSONResponse(body, status_code=503, headers=headers)
 
 
 async def _http_exception_handler(request: Any, exc: Any) -> Any:

@@ -27,6 +27,7 @@ EXIT_BLOCKED = 10
 EXIT_FAIL_OPEN = 11
 EXIT_SERVE_BREAKER = 12
 EXIT_USAGE = 64
+EXIT_SERVER_GAVE_UP = 69
 EXIT_INTERNAL = 70
 
 #: code -> meaning; rendered into README/docs and checked by tests.
@@ -41,6 +42,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_SERVE_BREAKER: "serve: the server kept crashing and the circuit breaker opened; "
                         "the front exited so the service manager takes over",
     EXIT_USAGE: "usage error (bad arguments or configuration)",
+    EXIT_SERVER_GAVE_UP: "`run -- mlx_lm.server`: the guarded server gave up (generation cannot make progress); restart it",
     EXIT_INTERNAL: "internal error (a bug: please report it)",
 }
 

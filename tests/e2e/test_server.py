@@ -131,11 +131,11 @@ def test_guarded_server_serves_answers_503_on_oom_and_recovers(start: Any, tiny_
 
     status, headers, raw = srv.request("/v1/completions", COMPLETION)      # 3: OOM, batched path
     assert status == 503, raw
-    assert json.loads(raw)["type"] == "metal_oom" and headers["Retry-After"] == "1"
+    assert json.loads(raw)["error"]["code"] == "metal_oom" and headers["Retry-After"] == "1"
     assert srv.post("/v1/completions", COMPLETION)[0] == 200               # 4: served again
     assert srv.post("/v1/chat/completions", {**CHAT, "seed": 7})[0] == 200  # 5: sequential path
     status, body = srv.post("/v1/completions", {**COMPLETION, "seed": 7})  # 6: OOM, sequential
-    assert status == 503 and body["type"] == "metal_oom"
+    assert status == 503 and body["error"]["code"] == "metal_oom"
     assert srv.post("/v1/completions", COMPLETION)[0] == 200               # 7
     assert srv.get("/health")[0] == 200
 
