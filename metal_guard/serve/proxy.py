@@ -53,6 +53,8 @@ class BodyError(Exception):
 def send_error(handler: FrontHandler, status: int, message: str, *, code: str,
                retry_after: float | None = None, close: bool = False, **extra: Any) -> None:
     """An OpenAI-shaped JSON error answer."""
+    if status == 503:
+        extra.setdefault("type", replies.UNAVAILABLE)
     body = replies.error_json(message, code=code, **extra)
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
@@ -258,7 +260,8 @@ def _stream(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse,
         if failed:
             if sse:
                 message, extra = _death_message(child)
-                send(replies.sse_error_event(message, code="server_restarting", **extra))
+                send(replies.sse_error_event(message, code="server_restarting",
+                                             type=replies.UNAVAILABLE, **extra))
             else:
                 handler.close_connection = True
                 return

@@ -12,25 +12,29 @@ import json
 import math
 from typing import Any
 
+from metal_guard.adapters import _openai_errors as oai
+
 __all__ = ["error_body", "error_json", "retry_after_value", "sse_error_event"]
 
 #: Longest message we put in a body (a crash detail can be long).
 MAX_MESSAGE_CHARS = 500
 
 
-def _clean(text: str) -> str:
-    text = "".join(ch if ch.isprintable() else " " for ch in str(text))
-    return text[:MAX_MESSAGE_CHARS]
-
-
-def error_body(message: str, *, code: str, type: str = "server_error",
+def error_body(message: str, *, code: str, type: str = oai.SERVER_ERROR,
                param: str | None = None, **extra: Any) -> dict[str, Any]:
-    """``{"error": {...}}`` with OpenAI's four keys (plus ``extra`` keys, e.g. the crash class)."""
-    err: dict[str, Any] = {"message": _clean(message), "type": type, "code": code, "param": param}
+    """``{"error": {...}}`` with OpenAI's four keys, built by the same helper as the guarded
+    ``mlx_lm.server``'s answers (plus ``extra`` keys, e.g. the crash class)."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(message))[:MAX_MESSAGE_CHARS]
+    body = oai.error_body(text, type, code, param)
+    err = body["error"]
     for key, value in extra.items():
-        if value is not None:
+        if value is not None and key not in err:
             err[key] = value
-    return {"error": err}
+    return body
+
+
+#: The ``type`` of a "try again later" answer (HTTP 503), as the guarded mlx_lm.server sends it.
+UNAVAILABLE = oai.UNAVAILABLE
 
 
 def error_json(message: str, *, code: str, **extra: Any) -> bytes:
