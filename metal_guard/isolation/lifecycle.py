@@ -202,7 +202,7 @@ class WorkerLifecycle:
     def _note_failure(self, proc: Any, phase: str, outcome: str, **meta: Any) -> None:
         self._failures += 1
         self._last_failure_at = self._clock()
-        if self._handle.in_generation and phase in ("generate", "prefill", "send"):
+        if self._handle.in_generation and phase in ("generate", "tokenize", "prefill", "send"):
             crumb("SUBPROC_POST", self.model_id, pid=proc.pid, outcome=outcome)
         crumb("SUBPROC_CRASH" if outcome == "crashed" else "SUBPROC_TIMEOUT", self.model_id,
                pid=proc.pid, phase=phase, **meta)

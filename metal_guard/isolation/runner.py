@@ -380,23 +380,34 @@ class MLXSubprocessRunner(WorkerLifecycle):
                 except (OSError, ValueError):
                     raise self._on_death(proc, "generate") from None
                 prefill_end = None if prefill is None else sent_at + prefill
+                # "tokenize" until the worker reports the prefill's start (template and
+                # tokenisation run on the CPU: a stall there is not a GPU hang), then
+                # "prefill" until the first token, then "generate".
+                phase = "tokenize"
+                progressed = False  # no frame yet: a timeout now is plain "no progress"
                 while True:
-                    step, phase, message = wait, "generate", None
+                    step, message = wait, None
                     if prefill_end is not None:
-                        phase = "prefill"
                         left = prefill_end - self._clock()
                         if left < wait:
                             step = max(left, 0.0)
-                            message = (f"worker for {self.model_id!r} did not finish the prompt "
-                                       f"prefill within {prefill:.1f}s (prefill_timeout); killed")
+                            if progressed:
+                                message = (f"worker for {self.model_id!r} did not finish the "
+                                           f"prompt prefill within {prefill:.1f}s "
+                                           "(prefill_timeout); killed")
                     fr = self._next_frame(proc, chan, step, phase=phase, timeout=wait,
                                           message=message)
                     if fr.get("id") not in (rid, None):
                         continue  # a late frame of an earlier, abandoned request
+                    progressed = True
                     kind = fr["type"]
                     if kind == P.TOKEN:
                         prefill_end = None
+                        phase = "generate"
                         yield fr
+                    elif kind == P.HEARTBEAT and phase == "tokenize" and \
+                            fr.get("phase") == "prefill":
+                        phase = "prefill"
                     elif kind == P.DONE:
                         finished = True
                         self._failures = 0
