@@ -383,7 +383,7 @@ class MLXSubprocessRunner(WorkerLifecycle):
                 # "tokenize" until the worker reports the prefill's start (template and
                 # tokenisation run on the CPU: a stall there is not a GPU hang), then
                 # "prefill" until the first token, then "generate".
-                phase = "tokenize"
+                phase = "tokenize" if request.get("type") == P.GENERATE else "generate"
                 progressed = False  # no frame yet: a timeout now is plain "no progress"
                 while True:
                     step, message = wait, None
