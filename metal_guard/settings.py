@@ -449,7 +449,8 @@ def get_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Sett
     """Resolve settings now: ``overrides`` > ``env`` (default ``os.environ``) > defaults.
 
     Unknown keyword names raise ``TypeError``; an invalid environment value raises
-    :class:`SettingsError`. Overrides are taken as given (already typed). The kill switch
+    :class:`SettingsError`. Overrides are taken as given (already typed), except that path
+    overrides must be absolute too (``~`` is expanded). The kill switch
     ``METALGUARD_DISABLED=1`` in the environment wins over ``disabled=False`` in code.
     """
     unknown = set(overrides) - _FIELD_NAMES
@@ -469,7 +470,7 @@ def get_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Sett
     for key, value in overrides.items():
         if key == "disabled" and values.get("disabled"):
             continue
-        values[key] = value
+        values[key] = _checked_override(key, value)
     if "mode" in overrides and overrides["mode"] not in MODES:
         raise SettingsError("mode", overrides["mode"], " or ".join(MODES))
     return Settings(**values, from_env=frozenset(from_env))
@@ -494,6 +495,28 @@ def parse_value(var: _Var, raw: str) -> Any:
     if not raw.strip():
         raise _bad(var.env, raw, "a non-empty value (unset the variable to get the default)")
     return var.parse(var.env, raw)
+
+
+def _checked_override(key: str, value: Any) -> Any:
+    """Keyword overrides are typed already; paths still must be absolute (``~`` expanded)."""
+    var = _BY_FIELD.get(key)
+    if var is None or value is None:
+        return value
+    if var.parse is parse_path:
+        return _absolute(key, value)
+    if var.parse is parse_paths:
+        return tuple(_absolute(key, item) for item in value)
+    return value
+
+
+def _absolute(key: str, value: Any) -> Path:
+    try:
+        path = Path(os.fspath(value)).expanduser()
+    except (TypeError, RuntimeError):
+        raise _bad(key, value, "an absolute path (~ is expanded)") from None
+    if not path.is_absolute():
+        raise _bad(key, value, "an absolute path (~ is expanded)")
+    return path
 
 
 def settings_or_current(settings: Settings | None = None) -> Settings:

@@ -253,3 +253,14 @@ def test_mode_warning_once_per_value_in_process(caplog: pytest.LogCaptureFixture
         get_settings(env={"METALGUARD_MODE": "loose-b"})
     texts = [r.getMessage() for r in caplog.records]
     assert sum("loose-a" in t for t in texts) == 1 and sum("loose-b" in t for t in texts) == 1
+
+
+@pytest.mark.parametrize("var", PATHS, ids=lambda v: v.env)
+def test_relative_path_overrides_in_code_are_rejected_too(var: settings_mod._Var) -> None:
+    value: object = ("rel/dir",) if var.parse is parse_paths else "rel/file"
+    with pytest.raises(SettingsError) as info:
+        get_settings(**{var.field: value})
+    assert info.value.variable == var.field
+    absolute: object = ("/abs/dir",) if var.parse is parse_paths else "/abs/file"
+    got = getattr(get_settings(**{var.field: absolute}), var.field)
+    assert (got[0] if isinstance(got, tuple) else got) == Path("/abs") / ("dir" if var.parse is parse_paths else "file")
