@@ -3,9 +3,10 @@
 Right after taking the kernel lock, the holder writes ``<lock>.holder.json`` =
 ``{pid, create_time, label, cmdline, started_at, host, lock_path}``. The sidecar is only a
 description: :func:`verify_holder` believes it only when its ``pid`` *and* ``create_time``
-match a live, non-zombie process and — on Linux, per ``/proc/locks`` — that pid owns the
-kernel ``flock``. :func:`signal_holder` SIGTERMs a verified holder only when it is an ordinary
-process of the same user. The lock itself (acquire, release, re-entrancy) is :mod:`metal_guard.lock`.
+match a live, non-zombie process and — on Linux, per ``/proc/locks`` matched by device *and*
+inode — that pid owns the kernel ``flock`` on this very file. :func:`signal_holder` SIGTERMs a
+verified holder only when it is an ordinary process of the same user that visibly uses
+metal-guard (command line, or the lock file open). The lock itself (acquire, release, re-entrancy) is :mod:`metal_guard.lock`.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ __all__ = [
     "describe_holder",
     "elapsed_s",
     "flock_owner_pids",
+    "holds_open",
     "lock_sidecar_path",
     "may_signal",
     "new_holder",
     "probe_free",
     "read_sidecar",
     "signal_holder",
+    "uses_metal_guard",
     "verify_holder",
 ]
 
@@ -131,43 +134,112 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def flock_owner_pids(path: Path) -> set[int] | None:
-    """Linux only: pids owning an ``flock`` on ``path``'s inode per /proc/locks (None = unknown)."""
+def _lock_line_owner(line: str) -> tuple[int, tuple[int, int, int]] | None:
+    """``(pid, (major, minor, inode))`` of one holder line of /proc/locks, or None.
+
+    A line reads ``1: FLOCK  ADVISORY  WRITE 12957 fe:00:2146332 0 EOF``: the device is
+    ``MAJOR:MINOR`` in hex, the inode in decimal. Waiters (``->``) and other lock kinds are
+    skipped.
+    """
+    parts = line.split()
+    if len(parts) < 6 or parts[1] == "->" or "FLOCK" not in parts:
+        return None
+    i = parts.index("FLOCK")
+    try:
+        pid = int(parts[i + 3])
+        major, minor, inode = parts[i + 4].split(":")
+        return pid, (int(major, 16), int(minor, 16), int(inode))
+    except (IndexError, ValueError):
+        return None
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int, int]:
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def flock_owner_pids(path: Path, *, locks_text: str | None = None) -> set[int] | None:
+    """Linux only: pids owning an ``flock`` on ``path`` per /proc/locks (None = unknown).
+
+    A lock line matches only when its device (``MAJOR:MINOR``) *and* inode are the file's:
+    an inode number alone is shared by files on other filesystems, and trusting it let a
+    forged sidecar name any process locking a same-inode file elsewhere.
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
-        inode = os.stat(path).st_ino
-        text = Path("/proc/locks").read_text()
+        wanted = _file_id(os.stat(path))
+        text = Path("/proc/locks").read_text() if locks_text is None else locks_text
     except OSError:
         return None
     pids: set[int] = set()
     found = False
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 6 or parts[1] == "->" or "FLOCK" not in parts:
-            continue  # waiters are listed with "->"
-        i = parts.index("FLOCK")
-        try:
-            pid = int(parts[i + 3])
-            line_inode = int(parts[i + 4].rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if line_inode == inode:
+    for line in text.split("\n"):
+        entry = _lock_line_owner(line)
+        if entry is not None and entry[1] == wanted:
             found = True
-            pids.add(pid)
-    # The inode may be reported differently (e.g. overlay filesystems): unknown, not "nobody".
+            pids.add(entry[0])
+    # The file may be reported under another device (overlay/btrfs subvolumes): unknown,
+    # not "nobody"; :func:`holds_open` then decides.
     return pids if found else None
 
 
+def holds_open(pid: int, path: Path) -> bool | None:
+    """Does ``pid`` have ``path`` (this device and inode) open? None when it cannot be told.
+
+    Linux reads ``/proc/<pid>/fd`` (stat follows each descriptor to the file it refers to);
+    elsewhere psutil's open-file list is compared by device and inode.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    wanted = (st.st_dev, st.st_ino)
+    fd_dir = Path(f"/proc/{pid}/fd")
+    if sys.platform.startswith("linux") and Path("/proc/self/fd").is_dir():
+        try:
+            names = os.listdir(fd_dir)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+        for name in names:
+            try:
+                fst = os.stat(fd_dir / name)
+            except OSError:
+                continue
+            if (fst.st_dev, fst.st_ino) == wanted:
+                return True
+        return False
+    try:
+        import psutil
+
+        files = psutil.Process(pid).open_files()
+    except Exception:
+        return None
+    for item in files:
+        try:
+            fst = os.stat(item.path)
+        except OSError:
+            continue
+        if (fst.st_dev, fst.st_ino) == wanted:
+            return True
+    return False
+
+
 def verify_holder(claim: dict[str, Any] | None, path: Path) -> tuple[bool, str, Any]:
-    """Is ``claim`` a live process that holds the lock? Returns ``(ok, reason, psutil.Process)``."""
+    """Is ``claim`` a live process that holds the lock? Returns ``(ok, reason, psutil.Process)``.
+
+    The claim must name a live, non-zombie pid whose create_time matches, and that pid must
+    own the kernel lock on *this* file (device and inode) per /proc/locks — or, where the
+    kernel reports the file under another device, have this file open.
+    """
     if claim is None:
         return False, "no holder sidecar", None
     import psutil
 
     pid = claim.get("pid")
     create_time = claim.get("create_time")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False, "sidecar has no valid pid", None
     if create_time is None:
         return False, "sidecar has no create_time", None
@@ -184,8 +256,11 @@ def verify_holder(claim: dict[str, Any] | None, path: Path) -> tuple[bool, str, 
     if abs(real_create_time - float(create_time)) > CREATE_TIME_TOLERANCE_SEC:
         return False, f"pid {pid} was started at another time (pid reused or forged sidecar)", None
     owners = flock_owner_pids(path)
-    if owners is not None and pid not in owners:
-        return False, f"pid {pid} does not own the kernel lock", None
+    if owners is not None:
+        if pid not in owners:
+            return False, f"pid {pid} does not own the kernel lock on {path}", None
+    elif holds_open(pid, path) is False:
+        return False, f"pid {pid} does not have the lock file {path} open", None
     return True, "verified", proc
 
 
@@ -246,8 +321,29 @@ def describe_holder(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- signalling
 
 
-def may_signal(proc: Any) -> tuple[bool, str]:
-    """Only a verified, same-user, ordinary process may be SIGTERMed by ``force=True``."""
+#: A process whose command line contains one of these visibly runs metal-guard.
+METAL_GUARD_MARKERS = ("metal_guard", "metal-guard", "mlx-safe-python")
+
+
+def uses_metal_guard(proc: Any, path: Path | None = None) -> tuple[bool, str]:
+    """Does ``proc`` visibly use metal-guard? Its command line names it (``python -m
+    metal_guard...``, ``metal-guard run``, ``mlx-safe-python``, a script importing
+    ``metal_guard`` on ``-c``), or it has this very lock file open (device and inode)."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except Exception as exc:
+        return False, f"cannot read the command line of pid {proc.pid} ({type(exc).__name__})"
+    if any(marker in cmdline for marker in METAL_GUARD_MARKERS):
+        return True, "command line names metal-guard"
+    if path is not None and holds_open(proc.pid, path) is True:
+        return True, "has the lock file open"
+    return False, (f"pid {proc.pid} shows no sign of using metal-guard "
+                   f"(command line {cmdline[:120]!r})")
+
+
+def may_signal(proc: Any, path: Path | None = None) -> tuple[bool, str]:
+    """Only a verified, ordinary process of our own user (real and effective uid) that
+    visibly uses metal-guard (:func:`uses_metal_guard`) may be SIGTERMed by ``force=True``."""
     pid = proc.pid
     if pid <= 1:
         return False, f"refusing to signal pid {pid}"
@@ -256,11 +352,15 @@ def may_signal(proc: Any) -> tuple[bool, str]:
     getuid = getattr(os, "getuid", None)
     if getuid is not None:
         try:
-            if proc.uids().real != getuid():
+            uids = proc.uids()
+            if uids.real != getuid() or uids.effective != os.geteuid():
                 return False, f"pid {pid} belongs to another user"
         except Exception as exc:
             return False, f"cannot read the owner of pid {pid} ({type(exc).__name__})"
-    return True, "same user"
+    ok, why = uses_metal_guard(proc, path)
+    if not ok:
+        return False, why
+    return True, "same user, uses metal-guard"
 
 
 def signal_holder(path: Path, claim: dict[str, Any], proc: Any) -> None:
@@ -270,7 +370,7 @@ def signal_holder(path: Path, claim: dict[str, Any], proc: Any) -> None:
     permitted; a holder that exited meanwhile is not an error.
     """
     pid = int(claim["pid"])
-    allowed, why = may_signal(proc)
+    allowed, why = may_signal(proc, path)
     if not allowed:
         holder = describe_holder(path)
         holder["force_refused"] = why

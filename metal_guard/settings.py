@@ -45,67 +45,140 @@ def default_report_dirs() -> tuple[Path, ...]:
 
 # --------------------------------------------------------------------------- parsers
 
+#: Longest raw value accepted for any variable (a path list fits easily); longer is an error
+#: before any parsing, so a hostile 10 MB value costs nothing and is never echoed whole.
+MAX_VALUE_CHARS = 65536
+#: Longest filesystem path accepted (Linux PATH_MAX; macOS allows 1024).
+MAX_PATH_BYTES = 4096
+#: How much of a bad value an error message or warning repeats.
+SHOWN_VALUE_CHARS = 80
+#: Longest adapter name accepted in METALGUARD_ADAPTERS / METALGUARD_DISABLED_ADAPTERS.
+MAX_NAME_CHARS = 64
+
+
+def shown_value(raw: object) -> str:
+    """``raw`` as it may appear in an error message: at most :data:`SHOWN_VALUE_CHARS`
+    characters, with the original length named when it was cut."""
+    text = raw if isinstance(raw, str) else repr(raw)
+    if len(text) <= SHOWN_VALUE_CHARS:
+        return text
+    return f"{text[:SHOWN_VALUE_CHARS]}...[{len(text)} chars]"
+
+
+def _bad(name: str, raw: object, accepted: str) -> SettingsError:
+    return SettingsError(name, shown_value(raw), accepted)
+
 
 def parse_bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
         return True
-    if value in _FALSE:
+    if value in _FALSE and value:
         return False
-    raise SettingsError(name, raw, "one of 1/true/yes/on or 0/false/no/off")
+    raise _bad(name, raw, "one of 1/true/yes/on or 0/false/no/off")
 
 
-def parse_float(name: str, raw: str, *, minimum: float = 0.0, allow_equal: bool = True) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise SettingsError(name, raw, f"a number >= {minimum:g}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise SettingsError(name, raw, f"a finite number >= {minimum:g}")
-    if value < minimum or (not allow_equal and value == minimum):
-        op = ">=" if allow_equal else ">"
-        raise SettingsError(name, raw, f"a number {op} {minimum:g}")
-    return value
+def _fmt_num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def parse_int(name: str, raw: str, *, minimum: int = 0) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise SettingsError(name, raw, f"a whole number >= {minimum}") from None
-    if value < minimum:
-        raise SettingsError(name, raw, f"a whole number >= {minimum}")
-    return value
+@dataclass(frozen=True)
+class Number:
+    """Parser of a numeric variable with its documented range ``[minimum, maximum]``
+    (``minimum`` excluded when ``allow_minimum`` is false)."""
+
+    kind: type
+    minimum: float
+    maximum: float
+    allow_minimum: bool = True
+
+    @property
+    def accepted(self) -> str:
+        what = "a whole number" if self.kind is int else "a finite number"
+        low = ">=" if self.allow_minimum else ">"
+        return f"{what} {low} {_fmt_num(self.minimum)} and <= {_fmt_num(self.maximum)}"
+
+    @property
+    def range_text(self) -> str:
+        low = "[" if self.allow_minimum else "("
+        return f"{low}{_fmt_num(self.minimum)}, {_fmt_num(self.maximum)}]"
+
+    def __call__(self, name: str, raw: str) -> Any:
+        text = raw.strip()
+        try:
+            value: Any = int(text) if self.kind is int else float(text)
+        except ValueError:  # also int() of more than sys.get_int_max_str_digits() digits
+            raise _bad(name, raw, self.accepted) from None
+        if self.kind is float and not math.isfinite(value):
+            raise _bad(name, raw, self.accepted)
+        too_low = value < self.minimum or (not self.allow_minimum and value == self.minimum)
+        if too_low or value > self.maximum:
+            raise _bad(name, raw, self.accepted)
+        return value
+
+
+def parse_float(name: str, raw: str, *, minimum: float = 0.0, allow_equal: bool = True,
+                maximum: float = math.inf) -> float:
+    return float(Number(float, minimum, maximum, allow_equal)(name, raw))
+
+
+def parse_int(name: str, raw: str, *, minimum: int = 0, maximum: float = math.inf) -> int:
+    return int(Number(int, minimum, maximum)(name, raw))
 
 
 def parse_path(name: str, raw: str) -> Path:
-    raw = raw.strip()
-    if not raw or "\x00" in raw:
-        raise SettingsError(name, raw, "a non-empty filesystem path")
-    return Path(raw).expanduser()
+    """An absolute path (``~`` expanded): a relative one would mean something else in every
+    working directory, so two processes could each hold "the" lock."""
+    text = raw.strip()
+    accepted = "an absolute filesystem path (~ is expanded)"
+    if not text or "\x00" in text:
+        raise _bad(name, raw, accepted)
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~user that does not exist, or no home directory
+        raise _bad(name, raw, accepted) from None
+    if not path.is_absolute():
+        raise _bad(name, raw, accepted)
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise _bad(name, raw, f"{accepted} of at most {MAX_PATH_BYTES} bytes")
+    return path
 
 
 def parse_paths(name: str, raw: str) -> tuple[Path, ...]:
     parts = [p for p in raw.split(os.pathsep) if p.strip()]
     if not parts:
-        raise SettingsError(name, raw, f"one or more paths separated by {os.pathsep!r}")
+        raise _bad(name, raw, f"one or more absolute paths separated by {os.pathsep!r}")
     return tuple(parse_path(name, p) for p in parts)
 
 
 def parse_names(name: str, raw: str) -> frozenset[str]:
+    """A comma-separated list of at least one adapter name (``*`` = all)."""
+    accepted = "a comma-separated list of one or more adapter names (or *)"
     names = frozenset(p.strip().lower().replace("-", "_") for p in raw.split(",") if p.strip())
+    if not names:  # "", " ", "," would otherwise select no adapter at all
+        raise _bad(name, raw, accepted)
     for item in names:
-        if item != "*" and not item.replace("_", "").replace(".", "").replace("*", "").isalnum():
-            raise SettingsError(name, raw, "a comma-separated list of adapter names")
+        if item != "*" and (len(item) > MAX_NAME_CHARS or not item.isascii()
+                            or not item.replace("_", "").replace(".", "").isalnum()):
+            raise _bad(name, raw, accepted)
     return names
+
+
+_MODE_WARNED: set[str] = set()
+_MODE_WARNED_MAX = 64
 
 
 def parse_mode(name: str, raw: str) -> str:
     value = raw.strip().lower()
     if value in MODES:
         return value
-    # Documented fallback: a typo in the mode must not disable protection.
-    log.warning("%s=%r is not one of %s; using %r", name, raw, "/".join(MODES), DEFENSIVE)
+    # Documented fallback: a typo in the mode must not disable protection. Settings are
+    # resolved many times per command, so each bad value is reported once per process.
+    key = shown_value(raw)
+    if key not in _MODE_WARNED:
+        if len(_MODE_WARNED) < _MODE_WARNED_MAX:
+            _MODE_WARNED.add(key)
+        log.warning("%s=%r is not one of %s; using %r", name, key, "/".join(MODES), DEFENSIVE)
     return DEFENSIVE
 
 
@@ -152,10 +225,8 @@ PROCESS_MODES = ("server", "embedded", "notebook", "cli", "subprocess_worker")
 
 def parse_process_mode(name: str, raw: str) -> str | None:
     value = raw.strip().lower()
-    if not value:
-        return None
     if value not in PROCESS_MODES:
-        raise SettingsError(name, raw, "one of " + "/".join(PROCESS_MODES))
+        raise _bad(name, raw, "one of " + "/".join(PROCESS_MODES))
     return value
 
 
@@ -189,12 +260,22 @@ class _Var:
     doc: str
 
 
-def _f(minimum: float = 0.0, allow_equal: bool = True) -> Any:
-    return lambda n, r: parse_float(n, r, minimum=minimum, allow_equal=allow_equal)
+#: Upper bounds used when a numeric row names none (every row should name its own).
+DEFAULT_MAX_FLOAT = 1e6
+DEFAULT_MAX_INT = 10**9
+_HOUR = 3600.0
+_DAY = 24 * _HOUR
+_WEEK = 7 * _DAY
 
 
-def _i(minimum: int = 0) -> Any:
-    return lambda n, r: parse_int(n, r, minimum=minimum)
+def _f(minimum: float = 0.0, allow_equal: bool = True, *, maximum: float = DEFAULT_MAX_FLOAT) -> Number:
+    """A float variable in ``[minimum, maximum]`` (``(minimum, maximum]`` without allow_equal)."""
+    return Number(float, minimum, maximum, allow_equal)
+
+
+def _i(minimum: int = 0, *, maximum: int = DEFAULT_MAX_INT) -> Number:
+    """A whole-number variable in ``[minimum, maximum]``."""
+    return Number(int, minimum, maximum)
 
 
 #: Every environment variable metal-guard reads. docs/configuration.md is generated from (and
@@ -210,7 +291,7 @@ VARIABLES: tuple[_Var, ...] = (
          "Attach a stderr handler to the `metal_guard` logger (the library never configures logging otherwise)."),
     _Var("METALGUARD_BREADCRUMB_PATH", "breadcrumb_path", parse_path, None,
          "Breadcrumb log file (default: <state>/metal_breadcrumb.log)."),
-    _Var("METALGUARD_BREADCRUMB_MAX_BYTES", "breadcrumb_max_bytes", _i(4096), 5_000_000,
+    _Var("METALGUARD_BREADCRUMB_MAX_BYTES", "breadcrumb_max_bytes", _i(4096, maximum=10**10), 5_000_000,
          "Rotate the breadcrumb log when it grows past this size (one .1 backup kept)."),
     _Var("METALGUARD_LEGACY_DIR", "legacy_dir", parse_path, None,
          "metal-guard 0.11 state directory read once on first use (default: ~/.cache/metal-guard; the 0.11 ack is ~/.metal-guard-ack, or .metal-guard-ack in this directory when set). Never written."),
@@ -219,55 +300,55 @@ VARIABLES: tuple[_Var, ...] = (
     # L8 lock
     _Var("MLX_LOCK_PATH", "lock_path", parse_path, None,
          "L8 lock file (default: <state>/mlx_exclusive.lock); the holder sidecar sits next to it."),
-    _Var("MLX_FORCE_WAIT_SEC", "force_wait_sec", _f(), 30.0,
+    _Var("MLX_FORCE_WAIT_SEC", "force_wait_sec", _f(maximum=_HOUR), 30.0,
          "L8 force=True: seconds to wait for the SIGTERMed holder to exit."),
-    _Var("MLX_RECLAIM_COOLDOWN_SEC", "reclaim_cooldown_sec", _f(), 8.0,
+    _Var("MLX_RECLAIM_COOLDOWN_SEC", "reclaim_cooldown_sec", _f(maximum=600.0), 8.0,
          "L8 force=True: sleep after reclaiming from a live holder."),
     # L9 cadence
-    _Var("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "cadence_min_interval_sec", _f(), None,
+    _Var("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "cadence_min_interval_sec", _f(maximum=_DAY), None,
          "L9 seconds between two loads of the same model. Unset: scaled to the risk (model size vs. the GPU working set, registry floors; see state.md). Set: exactly this, both ways (0 = off)."),
-    _Var("METALGUARD_CADENCE_INTERACTIVE_WAIT_SEC", "cadence_interactive_wait_sec", _f(), 30.0,
+    _Var("METALGUARD_CADENCE_INTERACTIVE_WAIT_SEC", "cadence_interactive_wait_sec", _f(maximum=_HOUR), 30.0,
          "L9 in a terminal or notebook, a cadence wait up to this long is a visible countdown instead of an error (0 = always raise)."),
-    _Var("METALGUARD_CROSS_MODEL_INTERVAL", "cross_model_interval_sec", _f(), 0.0,
+    _Var("METALGUARD_CROSS_MODEL_INTERVAL", "cross_model_interval_sec", _f(maximum=_DAY), 0.0,
          "L9 minimum seconds between loads of different models (0 = off; gemma-4 keeps its 90 s floor)."),
     _Var("METALGUARD_GEMMA4_FIRSTGEN_DISABLED", "gemma4_firstgen_disabled", parse_bool, False,
          "C7: disable the flush + sleep before a gemma-4 model's first generation."),
-    _Var("METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC", "gemma4_firstgen_sleep_sec", _f(), 3.0,
+    _Var("METALGUARD_GEMMA4_FIRSTGEN_SLEEP_SEC", "gemma4_firstgen_sleep_sec", _f(maximum=300.0), 3.0,
          "C7: sleep after the first-generation flush of a gemma-4 model."),
     # L9 breaker
-    _Var("METALGUARD_BREAKER_WINDOW_SEC", "breaker_window_sec", _f(1.0), 3600.0,
+    _Var("METALGUARD_BREAKER_WINDOW_SEC", "breaker_window_sec", _f(1.0, maximum=_WEEK), 3600.0,
          "L9 circuit breaker: window in which panics/crashes are counted."),
-    _Var("METALGUARD_BREAKER_THRESHOLD", "breaker_panic_threshold", _i(1), 2,
+    _Var("METALGUARD_BREAKER_THRESHOLD", "breaker_panic_threshold", _i(1, maximum=10**6), 2,
          "L9 circuit breaker: failures within the window that trip it."),
-    _Var("METALGUARD_BREAKER_COOLDOWN_SEC", "breaker_cooldown_sec", _f(), 3600.0,
+    _Var("METALGUARD_BREAKER_COOLDOWN_SEC", "breaker_cooldown_sec", _f(maximum=_WEEK), 3600.0,
          "L9 circuit breaker: how long it stays open once tripped."),
     # L10 gate
-    _Var("METALGUARD_PANIC_COOLDOWN_STAGE1_H", "panic_cooldown_stage1_h", _f(), 2.0,
+    _Var("METALGUARD_PANIC_COOLDOWN_STAGE1_H", "panic_cooldown_stage1_h", _f(maximum=168.0), 2.0,
          "L10: cooldown after one GPU kernel panic in 24 h."),
-    _Var("METALGUARD_PANIC_LOCKOUT_24H_N", "panic_lockout_24h_n", _i(1), 2,
+    _Var("METALGUARD_PANIC_LOCKOUT_24H_N", "panic_lockout_24h_n", _i(1, maximum=10**6), 2,
          "L10: GPU panics in 24 h that cause a lockout."),
-    _Var("METALGUARD_PANIC_LOCKOUT_72H_N", "panic_lockout_72h_n", _i(1), 3,
+    _Var("METALGUARD_PANIC_LOCKOUT_72H_N", "panic_lockout_72h_n", _i(1, maximum=10**6), 3,
          "L10: GPU panics in 72 h that cause a lockout."),
-    _Var("METALGUARD_PANIC_LOCKOUT_MAX_H", "panic_lockout_max_h", _f(), 72.0,
+    _Var("METALGUARD_PANIC_LOCKOUT_MAX_H", "panic_lockout_max_h", _f(maximum=720.0), 72.0,
          "L10: a lockout ends by itself this many hours after the earliest panic in the window."),
     _Var("METALGUARD_PANIC_GATE_DISABLED", "panic_gate_disabled", parse_bool, False,
          "L10 kill switch: the gate always proceeds."),
     # L11 / L12
-    _Var("METALGUARD_SUBPROC_ORPHAN_THRESHOLD_SEC", "subproc_orphan_threshold_sec", _f(1.0), 90.0,
+    _Var("METALGUARD_SUBPROC_ORPHAN_THRESHOLD_SEC", "subproc_orphan_threshold_sec", _f(1.0, maximum=_WEEK), 90.0,
          "L11: a SUBPROC_PRE without SUBPROC_POST older than this is an orphan."),
     _Var("METALGUARD_SUBPROC_ORPHAN_WATCH_DISABLED", "subproc_orphan_watch_disabled", parse_bool, False,
          "L11 kill switch."),
     _Var("METALGUARD_POSTMORTEM_DISABLED", "postmortem_disabled", parse_bool, False,
          "L12 kill switch."),
-    _Var("METALGUARD_POSTMORTEM_SENTINEL_H", "postmortem_sentinel_h", _f(), 2.0,
+    _Var("METALGUARD_POSTMORTEM_SENTINEL_H", "postmortem_sentinel_h", _f(maximum=168.0), 2.0,
          "L12: cooldown sentinel written when a postmortem finds a panic."),
     # L13
-    _Var("METALGUARD_STATUS_INTERVAL_SEC", "status_interval_sec", _f(1.0), 30.0,
+    _Var("METALGUARD_STATUS_INTERVAL_SEC", "status_interval_sec", _f(1.0, maximum=_DAY), 30.0,
          "L13: status-write daemon interval."),
     _Var("METALGUARD_STATUS_PATH", "status_path", parse_path, None,
          "L13: status snapshot file (default: <cache>/status.json)."),
     # L14
-    _Var("METALGUARD_COLD_RESTART_AFTER_N", "cold_restart_after_n", _i(1), 4000,
+    _Var("METALGUARD_COLD_RESTART_AFTER_N", "cold_restart_after_n", _i(1, maximum=10**9), 4000,
          "L14: inferences before a worker cold restart is recommended."),
     _Var("METALGUARD_COLD_RESTART_DISABLED", "cold_restart_disabled", parse_bool, False,
          "L14 kill switch: should_cold_restart() is always False."),
@@ -277,7 +358,7 @@ VARIABLES: tuple[_Var, ...] = (
     # Isolation / R6
     _Var("METALGUARD_SUBPROCESS_WORKER", "subprocess_worker", parse_bool, False,
          "Set by metal-guard inside isolated workers (R6 process mode `subprocess_worker`)."),
-    _Var("METALGUARD_WORKER_MAX_FOOTPRINT_GB", "worker_max_footprint_gb", _f(0.0, allow_equal=False), None,
+    _Var("METALGUARD_WORKER_MAX_FOOTPRINT_GB", "worker_max_footprint_gb", _f(0.0, allow_equal=False, maximum=100_000.0), None,
          "L7: hard limit on a worker's memory footprint, enforced by the parent (default: from recommended_config)."),
     _Var("METALGUARD_WORKER_TEST_FAULTS", "worker_test_faults", parse_bool, False,
          "L7 tests only: let an isolated worker honour `_debug_fault` requests (abort, segfault, ...). Never set in production."),
@@ -296,7 +377,7 @@ VARIABLES: tuple[_Var, ...] = (
          "install(): raise when a requested adapter's targets moved instead of marking it degraded."),
     _Var("METALGUARD_REBIND_ALIASES", "rebind_aliases", parse_bool, False,
          "install(): also rebind aliases of patched functions held in user modules."),
-    _Var("METALGUARD_FLUSH_EVERY_N", "flush_every_n", _i(0), 50,
+    _Var("METALGUARD_FLUSH_EVERY_N", "flush_every_n", _i(0, maximum=10**9), 50,
          "Adapters: flush the MLX cache every N guarded generate calls (0 = off)."),
     _Var("METALGUARD_FIT_CHECK", "fit_check", parse_bool, True,
          "Adapters: check that a model fits before loading it."),
@@ -308,13 +389,13 @@ VARIABLES: tuple[_Var, ...] = (
          "Adapters: hold the L8 cross-process lock around model loads."),
     _Var("METALGUARD_CADENCE", "cadence", parse_bool, True,
          "Adapters: enforce L9 cadence between model loads."),
-    _Var("METALGUARD_PROMPT_CACHE_MAX_BYTES", "prompt_cache_max_bytes", _i(0), None,
+    _Var("METALGUARD_PROMPT_CACHE_MAX_BYTES", "prompt_cache_max_bytes", _i(0, maximum=10**14), None,
          "mlx_lm.server adapter: cap the prompt cache in bytes on every path (0/unset = off)."),
     _Var("METALGUARD_SERVER_KEEP_ALIVE", "server_keep_alive_sec", parse_keep_alive, -1.0,
          "mlx_lm.server adapter: unload the model after this long without requests (30s, 5m, 1h; 0 = after every request; -1 = never). A request's `keep_alive` field overrides it, as in Ollama."),
     _Var("METALGUARD_SERVER_UNLOAD_ON_PRESSURE", "server_unload_on_pressure", parse_bool, False,
          "mlx_lm.server adapter: also unload the model early when memory pressure turns high (warn/critical) while no request is in flight."),
-    _Var("METALGUARD_TEST_SERVER_OOM_EVERY", "test_server_oom_every", _i(0), 0,
+    _Var("METALGUARD_TEST_SERVER_OOM_EVERY", "test_server_oom_every", _i(0, maximum=10**9), 0,
          "mlx_lm.server adapter, tests only: every N-th request fails with a simulated Metal OOM (0 = off). Never set in production."),
     # mlx-safe-python
     _Var("MLX_SAFE_PYTHON_BIN", "safe_python_bin", parse_path, None,
@@ -447,7 +528,8 @@ def get_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Sett
     """Resolve settings now: ``overrides`` > ``env`` (default ``os.environ``) > defaults.
 
     Unknown keyword names raise ``TypeError``; an invalid environment value raises
-    :class:`SettingsError`. Overrides are taken as given (already typed). The kill switch
+    :class:`SettingsError`. Overrides are taken as given (already typed), except that path
+    overrides must be absolute too (``~`` is expanded). The kill switch
     ``METALGUARD_DISABLED=1`` in the environment wins over ``disabled=False`` in code.
     """
     unknown = set(overrides) - _FIELD_NAMES
@@ -462,17 +544,60 @@ def get_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Sett
             continue
         if var.field in overrides and var.field != "disabled":
             continue  # code beats env, except for the kill switch
-        values[var.field] = var.parse(var.env, raw)
+        values[var.field] = parse_value(var, raw)
         from_env.add(var.field)
     for key, value in overrides.items():
         if key == "disabled" and values.get("disabled"):
             continue
-        values[key] = value
+        values[key] = _checked_override(key, value)
     if "mode" in overrides and overrides["mode"] not in MODES:
         raise SettingsError("mode", overrides["mode"], " or ".join(MODES))
     if "fit_level" in overrides and overrides["fit_level"] not in FIT_LEVELS:
         raise SettingsError("fit_level", overrides["fit_level"], " or ".join(FIT_LEVELS))
     return Settings(**values, from_env=frozenset(from_env))
+
+
+#: The one variable whose bad (or empty) value falls back, with a warning, instead of failing.
+FALLBACK_VARIABLES = frozenset({"METALGUARD_MODE"})
+
+
+def parse_value(var: _Var, raw: str) -> Any:
+    """``raw`` (the environment's text for ``var``) parsed and checked.
+
+    Shared rules before the variable's own parser: a value longer than
+    :data:`MAX_VALUE_CHARS` is refused unparsed, and an empty or blank value is an error
+    (unset the variable to get the default). The fallback variables (``METALGUARD_MODE``)
+    never fail: their parser warns and falls back to the safe value.
+    """
+    if var.env in FALLBACK_VARIABLES:
+        return var.parse(var.env, raw)
+    if len(raw) > MAX_VALUE_CHARS:
+        raise _bad(var.env, raw, f"a value of at most {MAX_VALUE_CHARS} characters")
+    if not raw.strip():
+        raise _bad(var.env, raw, "a non-empty value (unset the variable to get the default)")
+    return var.parse(var.env, raw)
+
+
+def _checked_override(key: str, value: Any) -> Any:
+    """Keyword overrides are typed already; paths still must be absolute (``~`` expanded)."""
+    var = _BY_FIELD.get(key)
+    if var is None or value is None:
+        return value
+    if var.parse is parse_path:
+        return _absolute(key, value)
+    if var.parse is parse_paths:
+        return tuple(_absolute(key, item) for item in value)
+    return value
+
+
+def _absolute(key: str, value: Any) -> Path:
+    try:
+        path = Path(os.fspath(value)).expanduser()
+    except (TypeError, RuntimeError):
+        raise _bad(key, value, "an absolute path (~ is expanded)") from None
+    if not path.is_absolute():
+        raise _bad(key, value, "an absolute path (~ is expanded)")
+    return path
 
 
 def settings_or_current(settings: Settings | None = None) -> Settings:
@@ -481,11 +606,24 @@ def settings_or_current(settings: Settings | None = None) -> Settings:
 
 
 def describe_variables() -> list[dict[str, str]]:
-    """The table of variables for docs and `metal-guard doctor`."""
+    """The table of variables for docs and `metal-guard doctor` (``accepted``: the form and,
+    for numbers, the range a value must have)."""
     return [
-        {"variable": v.env, "setting": v.field, "default": _fmt_default(v.default), "doc": v.doc}
+        {"variable": v.env, "setting": v.field, "default": _fmt_default(v.default),
+         "accepted": _accepted(v), "doc": v.doc}
         for v in VARIABLES
     ]
+
+
+def _accepted(var: _Var) -> str:
+    parse = var.parse
+    if isinstance(parse, Number):
+        return ("integer " if parse.kind is int else "number ") + parse.range_text
+    return {
+        parse_bool: "boolean", parse_mode: "defensive/observer",
+        parse_path: "absolute path", parse_paths: "absolute paths",
+        parse_names: "adapter names", parse_process_mode: "/".join(PROCESS_MODES),
+    }.get(parse, "text")
 
 
 def _fmt_default(value: Any) -> str:

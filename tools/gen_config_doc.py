@@ -16,20 +16,31 @@ keyword arguments beat environment variables, which beat the defaults below. The
 is the kill switch: `METALGUARD_DISABLED=1` in the environment wins over code.
 
 A bad value raises `metal_guard.SettingsError` naming the variable and the accepted form (the
-CLI turns that into exit code 64). The single documented fallback is `METALGUARD_MODE`: an
-unknown mode logs a warning and stays `defensive`, so a typo never switches protection off.
+CLI turns that into exit code 64); the message repeats at most the first 80 characters of the
+value. The single documented fallback is `METALGUARD_MODE`: an unknown mode logs a warning
+(once per process and value) and stays `defensive`, so a typo never switches protection off.
 
-Booleans accept `1/true/yes/on` and `0/false/no/off` (case-insensitive). Durations are seconds
-(`_SEC`) or hours (`_H`) and must be >= 0 unless stated. Paths expand `~`.
+Rules shared by every variable:
 
-| Variable | Default | Meaning |
-|---|---|---|
+- An empty or blank value (`VAR=`, `VAR=" "`) is an error, never "off": unset the variable to
+  get the default. (`METALGUARD_ADAPTERS=` or `=","` would otherwise select no adapter at all.)
+- Values longer than 65536 characters are refused before they are parsed.
+- Booleans accept `1/true/yes/on` and `0/false/no/off` (case-insensitive).
+- Numbers must be finite and inside the range in the "Accepted" column (`[a, b]` includes
+  both ends, `(a, b]` excludes `a`). Durations are seconds (`_SEC`) or hours (`_H`).
+- Paths must be absolute after `~` is expanded (a relative path would name a different file
+  in every working directory, so two processes could both hold "the" lock) and at most 4096
+  bytes long.
+
+| Variable | Default | Accepted | Meaning |
+|---|---|---|---|
 """
 
 
 def render() -> str:
     rows = [
-        f"| `{row['variable']}` | `{row['default']}` | {row['doc']} |" for row in describe_variables()
+        f"| `{row['variable']}` | `{row['default']}` | {row['accepted']} | {row['doc']} |"
+        for row in describe_variables()
     ]
     footer = """
 ## Where state lives

@@ -8,6 +8,8 @@ the test suite and the benchmarks can produce *real* crashes in a real worker:
 * ``huge_alloc``     — evaluate a 1 TiB ``mx.zeros`` (a SIGSEGV on the CPU build).
 * ``exit``           — ``os._exit(code)``.
 * ``raise``          — raise ``RuntimeError(message)`` (e.g. an MLX error string).
+* ``bad_frame``      — write a raw frame header announcing ``size`` bytes (default 100 MiB,
+  over the protocol limit) followed by ``junk`` bytes, as a broken or hostile worker would.
 * ``alloc``          — allocate ``chunk_bytes`` every ``interval_sec`` up to ``total_bytes``
   with real MLX arrays, then hold for ``hold_sec``; honours ``stop`` unless
   ``ignore_stop``; ``ignore_sigterm`` makes SIGTERM ineffective (to exercise SIGKILL).
@@ -25,7 +27,7 @@ from typing import Any
 
 __all__ = ["FAULT_KINDS", "run_fault"]
 
-FAULT_KINDS = ("abort", "huge_alloc", "exit", "raise", "alloc")
+FAULT_KINDS = ("abort", "huge_alloc", "exit", "raise", "bad_frame", "alloc")
 TIB = 1 << 40
 
 
@@ -37,6 +39,8 @@ def run_fault(worker: Any, req: dict[str, Any]) -> dict[str, Any]:
         os._exit(int(req.get("code", 1)))
     if kind == "raise":
         raise RuntimeError(str(req.get("message") or "debug fault"))
+    if kind == "bad_frame":
+        return _bad_frame(worker, req)
     from metal_guard import backend
 
     mx = backend.core()
@@ -81,3 +85,14 @@ def _alloc(worker: Any, mx: Any, req: dict[str, Any]) -> dict[str, Any]:
 
         backend.clear_cache(load=False)
     return {"allocated_bytes": allocated}
+
+
+def _bad_frame(worker: Any, req: dict[str, Any]) -> dict[str, Any]:
+    import struct
+
+    size = int(req.get("size", 100 << 20))
+    junk = int(req.get("junk", 1 << 20))
+    chan = worker.channel
+    with chan._send_lock:  # never in the middle of another thread's frame
+        chan.sock.sendall(struct.pack("!I", size) + b"\x00" * junk)
+    return {"bad_frame_bytes": size}

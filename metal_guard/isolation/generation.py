@@ -138,14 +138,58 @@ class Model:
 
     # ------------------------------------------------------------------ generation
 
+    @property
+    def dims(self) -> Any:
+        """The model's attention dimensions (:class:`~metal_guard.prefill.ModelDims`) for the
+        prefill guard, from the loaded model's arguments; ``None`` when unknown."""
+        if not hasattr(self, "_dims"):
+            from metal_guard.prefill import dims_from_config
+
+            dims = None
+            for holder in (self.model, getattr(self.model, "language_model", None)):
+                args = getattr(holder, "args", None) or getattr(holder, "config", None)
+                if args is not None and hasattr(args, "__dict__"):
+                    dims = dims_from_config(dict(vars(args)))
+                if dims is not None:
+                    break
+            self._dims = dims
+        return self._dims
+
+    def _encode(self, prompt: str) -> list[int]:
+        """Token ids exactly as ``mlx_lm.stream_generate`` would make them from ``prompt``."""
+        tok = self.processor
+        bos = getattr(tok, "bos_token", None)
+        return list(tok.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+
+    def _count_tokens(self, prompt: str) -> int | None:
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        try:
+            return len(tok.encode(prompt))
+        except Exception:  # a processor without a plain tokenizer: no estimate
+            return None
+
     def stream(self, req: dict[str, Any],
-               on_prefill: Callable[[int, int], None] | None = None) -> Generator[Any, None, None]:
-        """Yield the library's per-step responses for one ``generate`` request."""
+               on_prefill: Callable[[int, int], None] | None = None,
+               before_prefill: Callable[[int], None] | None = None,
+               ) -> Generator[Any, None, None]:
+        """Yield the library's per-step responses for one ``generate`` request.
+
+        ``before_prefill(n_tokens)`` runs once the prompt is tokenised, before anything is
+        allocated for it (the prefill guard); ``on_prefill(done, total)`` after each prefill
+        chunk.
+        """
         from metal_guard import backend as mg_backend
 
         images = [str(p) for p in (req.get("images") or [])]
-        prompt = self.format_prompt(req["prompt"], req.get("system"),
-                                    bool(req.get("apply_chat_template", True)), len(images))
+        prompt: Any = self.format_prompt(req["prompt"], req.get("system"),
+                                         bool(req.get("apply_chat_template", True)), len(images))
+        if self.backend == "mlx-lm":
+            prompt = self._encode(prompt)  # tokenised once, here, so it can be checked first
+            n_tokens: int | None = len(prompt)
+        else:
+            n_tokens = self._count_tokens(prompt)
+        if before_prefill is not None and n_tokens is not None:
+            before_prefill(n_tokens)
         extra = dict(req.get("extra") or {})
         seed = req.get("seed")
         mx = mg_backend.core()

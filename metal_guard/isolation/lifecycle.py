@@ -111,13 +111,16 @@ class WorkerLifecycle:
         raise NotImplementedError
 
     def _next_frame(self, proc: Any, chan: P.Channel, wait: float, *, phase: str,
-                    timeout: float) -> dict[str, Any]:
-        """The next frame, or a typed error: crash, no progress for ``wait`` s, bad frame."""
+                    timeout: float, message: str | None = None) -> dict[str, Any]:
+        """The next frame, or a typed error: crash, no progress for ``wait`` s, bad frame.
+
+        ``message`` replaces the timeout error's text (e.g. for the prefill bound).
+        """
         deadline = self._clock() + wait
         while True:
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise self._on_timeout(proc, phase, timeout)
+                raise self._on_timeout(proc, phase, timeout, message)
             try:
                 if chan.poll(min(remaining, POLL_SEC)):
                     return chan.recv()
@@ -174,19 +177,24 @@ class WorkerLifecycle:
         log.warning("%s", err)
         return err
 
-    def _on_timeout(self, proc: Any, phase: str, timeout: float) -> BaseException:
+    def _on_timeout(self, proc: Any, phase: str, timeout: float,
+                    message: str | None = None) -> BaseException:
         with contextlib.suppress(OSError):  # ask faulthandler for every thread's stack first
             os.kill(proc.pid, signal.SIGUSR1)
             time.sleep(STACK_DUMP_SEC)
         WorkerHandle.stop_process(proc, grace_sec=0.0)
         err: Any = SubprocessTimeoutError(self.model_id, timeout, phase)
+        if message:
+            err.args = (message,)
         err.worker_pid = proc.pid
         err.detail = read_log_tail(self._handle.log_path)
         lines = err.detail.strip().splitlines()
         if lines:
             err.add_note("worker log at the timeout:\n" + "\n".join(lines[-40:]))
         self._note_failure(proc, phase, "timeout", timeout_sec=timeout)
-        if phase == "generate":  # a stalled generation may be a GPU hang; a slow load is not
+        # A stalled generation or prefill may be a GPU hang; a slow load, a request the worker
+        # would not take, or a prompt too long for the prefill bound is not.
+        if phase in ("generate", "prefill") and not message:
             S.record_crash(err, pid=proc.pid)
         log.warning("%s", err)
         return err
@@ -194,7 +202,7 @@ class WorkerLifecycle:
     def _note_failure(self, proc: Any, phase: str, outcome: str, **meta: Any) -> None:
         self._failures += 1
         self._last_failure_at = self._clock()
-        if self._handle.in_generation and phase == "generate":
+        if self._handle.in_generation and phase in ("generate", "tokenize", "prefill", "send"):
             crumb("SUBPROC_POST", self.model_id, pid=proc.pid, outcome=outcome)
         crumb("SUBPROC_CRASH" if outcome == "crashed" else "SUBPROC_TIMEOUT", self.model_id,
                pid=proc.pid, phase=phase, **meta)
@@ -285,7 +293,7 @@ class WorkerLifecycle:
             return
         self._stop_reason = reason
         with contextlib.suppress(OSError, ValueError):
-            chan.send(P.frame(P.STOP, id=rid, reason=reason))
+            chan.send(P.frame(P.STOP, id=rid, reason=reason), timeout=2.0)
 
     def _on_breach(self, reason: str, action: str) -> None:
         if action != "stop":

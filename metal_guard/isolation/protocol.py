@@ -28,6 +28,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 from metal_guard.errors import WorkerError
@@ -36,8 +37,11 @@ __all__ = [
     "PARENT_FRAMES",
     "PROTOCOL_VERSION",
     "WORKER_FRAMES",
+    "MAX_FRAME_BYTES",
     "Channel",
+    "FrameTooLarge",
     "ProtocolError",
+    "SendTimeout",
     "decode",
     "encode",
     "frame",
@@ -78,10 +82,18 @@ PARENT_FRAMES: dict[str, tuple[str, ...]] = {
 }
 #: Sampling arguments mlx-vlm's generate_step would accept and silently ignore.
 VLM_UNSUPPORTED = ("min_tokens_to_keep", "xtc_probability", "xtc_threshold")
-#: Largest frame accepted (a long prompt or an image path list fits easily).
+#: Largest frame accepted (a long prompt or an image path list fits easily). The parent
+#: refuses a larger request before sending it (``ValueError`` naming this limit).
 MAX_FRAME_BYTES = 64 << 20
+#: Room kept in a request for the fields the runner adds after validation (``id``, ...).
+REQUEST_RESERVE_BYTES = 256
 _HEADER = struct.Struct("!I")
 _READ_BYTES = 1 << 16
+#: Receive buffer bound: one whole frame plus a read's worth.
+_MAX_BUFFERED = MAX_FRAME_BYTES + _HEADER.size + _READ_BYTES
+#: Longest single wait inside a blocked send (it rechecks the deadline and drains in between).
+_WAIT_STEP_SEC = 0.1
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class ProtocolError(WorkerError):
@@ -113,8 +125,8 @@ def decode(data: bytes, schema: dict[str, tuple[str, ...]] | None = None) -> dic
         raise ProtocolError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame is a {type(obj).__name__}, expected an object")
     version = obj.get("v")
@@ -135,72 +147,220 @@ def decode(data: bytes, schema: dict[str, tuple[str, ...]] | None = None) -> dic
     return obj
 
 
-class Channel:
-    """One end of the worker socket: length-prefixed frames, thread-safe ``send``.
+class FrameTooLarge(ValueError):
+    """A frame would exceed :data:`MAX_FRAME_BYTES`; it was not sent (nothing was written)."""
 
-    A frame on the wire is a 4-byte big-endian length and that many bytes of UTF-8 JSON.
-    Reads go through a buffer, so frames that queued up while the reader was busy cost one
-    ``recv`` between them, not two system calls each. Sends from several threads (the
-    worker's heartbeat thread, the parent's footprint monitor) are serialised by a lock so
-    frames never interleave. Only one thread receives at a time (the caller's job).
+
+class SendTimeout(TimeoutError):
+    """The other side did not take a frame within the send timeout.
+
+    Part of the frame may have been written, so the channel is closed: the stream of frames
+    can no longer be trusted.
     """
 
-    def __init__(self, sock: socket.socket, schema: dict[str, tuple[str, ...]]) -> None:
+
+_NO_TIMEOUT: Any = object()
+
+
+class Channel:
+    """One end of the worker socket: length-prefixed frames that cannot deadlock.
+
+    A frame on the wire is a 4-byte big-endian length and that many bytes of UTF-8 JSON.
+
+    * **Sending** is non-blocking underneath: while the peer's buffer is full, ``send`` keeps
+      reading whatever the peer sends into the receive buffer (so two sides that write at once
+      never wait on each other forever) and gives up after ``timeout`` seconds (default
+      ``send_timeout``; ``None`` waits as long as the peer lives) with :class:`SendTimeout`.
+      A frame larger than :data:`MAX_FRAME_BYTES` is refused before anything is written
+      (:class:`FrameTooLarge`). Sends from several threads are serialised so frames never
+      interleave; a thread waiting for another's send is bounded by the same timeout.
+    * **Receiving** is buffered: :meth:`poll` answers True only when a *whole* frame (or EOF)
+      is buffered, so :meth:`recv` after a successful ``poll`` never blocks on a half-sent
+      frame. An oversize header raises :class:`ProtocolError` once and the frame's bytes are
+      then skipped as they arrive (the sender is drained, never left blocked, and the stream
+      stays in step).
+    """
+
+    def __init__(self, sock: socket.socket, schema: dict[str, tuple[str, ...]], *,
+                 send_timeout: float | None = None) -> None:
         self.sock = sock
         self.schema = schema
+        self.send_timeout = send_timeout
         self._send_lock = threading.Lock()
+        self._recv_lock = threading.RLock()
         self._buf = bytearray()
+        self._skip = 0  # bytes of an oversize frame still to discard
+        self._eof = False
         self._closed = False
-        self._poller: Any = None
+        self._fd = sock.fileno()
+        self._read_poller: Any = None
+        self._write_poller: Any = None
         if hasattr(select, "poll"):
-            self._poller = select.poll()
-            self._poller.register(sock.fileno(), select.POLLIN)
+            self._read_poller = select.poll()
+            self._read_poller.register(self._fd, select.POLLIN)
+            self._write_poller = select.poll()
+            self._write_poller.register(self._fd, select.POLLIN | select.POLLOUT)
 
     @classmethod
-    def from_fd(cls, fd: int, schema: dict[str, tuple[str, ...]]) -> Channel:
-        return cls(socket.socket(fileno=fd), schema)
+    def from_fd(cls, fd: int, schema: dict[str, tuple[str, ...]], *,
+                send_timeout: float | None = None) -> Channel:
+        return cls(socket.socket(fileno=fd), schema, send_timeout=send_timeout)
 
-    def send(self, obj: dict[str, Any]) -> None:
+    # ------------------------------------------------------------------ sending
+
+    def send(self, obj: dict[str, Any], *, timeout: Any = _NO_TIMEOUT) -> None:
+        """Send one frame; see the class notes for the timeout and size rules."""
         data = encode(obj)
-        with self._send_lock:
-            self.sock.sendall(_HEADER.pack(len(data)) + data)
+        if len(data) > MAX_FRAME_BYTES:
+            raise FrameTooLarge(f"frame of {len(data)} bytes exceeds the protocol limit of "
+                                f"{MAX_FRAME_BYTES} bytes ({MAX_FRAME_BYTES >> 20} MiB)")
+        wait = self.send_timeout if timeout is _NO_TIMEOUT else timeout
+        deadline = None if wait is None else time.monotonic() + max(0.0, float(wait))
+        if not self._send_lock.acquire(timeout=-1 if deadline is None
+                                       else max(0.0, deadline - time.monotonic())):
+            raise SendTimeout(f"another thread's send did not finish within {wait}s")
+        try:
+            self._send_all(memoryview(_HEADER.pack(len(data)) + data), deadline, wait)
+        finally:
+            self._send_lock.release()
 
-    def _frame_size(self) -> int | None:
-        if len(self._buf) < _HEADER.size:
-            return None
-        (size,) = _HEADER.unpack_from(self._buf)
-        if size > MAX_FRAME_BYTES:
-            raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
-        return size if len(self._buf) >= _HEADER.size + size else None
-
-    def recv(self) -> dict[str, Any]:
-        """Next frame (blocking); ``EOFError`` when the other side is gone."""
-        while (size := self._frame_size()) is None:
+    def _send_all(self, view: memoryview, deadline: float | None, wait: Any) -> None:
+        sent_any = False
+        while view:
             if self._closed:
                 raise OSError("channel is closed")
-            chunk = self.sock.recv(_READ_BYTES)
+            try:
+                n = self.sock.send(view, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n:
+                view = view[n:]
+                sent_any = True
+                continue
+            step = _WAIT_STEP_SEC
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if sent_any:  # half a frame on the wire: the stream is unusable
+                        self.close()
+                    raise SendTimeout(f"the other side took no data for {wait}s")
+                step = min(step, remaining)
+            readable, _writable = self._wait(step, write=True)
+            if readable:
+                self._drain_nowait()
+
+    # ------------------------------------------------------------------ receiving
+
+    def _wait(self, timeout: float | None, *, write: bool = False) -> tuple[bool, bool]:
+        """(readable, writable) within ``timeout`` seconds (``None``: wait)."""
+        if hasattr(select, "poll"):
+            # One poller per direction: reads wait under the receive lock, writes under the
+            # send lock, so neither object is ever polled from two threads at once.
+            poller = self._write_poller if write else self._read_poller
+            ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
+            try:
+                ready = poller.poll(ms)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                return False, False
+            flags = 0
+            for _fd, ev in ready:
+                flags |= ev
+            hangup = select.POLLHUP | select.POLLERR | select.POLLNVAL
+            return bool(flags & (select.POLLIN | hangup)), bool(flags & (select.POLLOUT | hangup))
+        r, w, _ = select.select([self._fd], [self._fd] if write else [], [], timeout)  # pragma: no cover
+        return bool(r), bool(w)  # pragma: no cover
+
+    def _ingest(self, chunk: bytes) -> None:
+        if self._skip:
+            drop = min(self._skip, len(chunk))
+            self._skip -= drop
+            chunk = chunk[drop:]
+        self._buf += chunk
+
+    def _read_nowait(self) -> bool:
+        """Read what is available now into the buffer (caller holds the receive lock).
+        False when nothing was available."""
+        got = False
+        while len(self._buf) < _MAX_BUFFERED and not self._eof:
+            try:
+                chunk = self.sock.recv(_READ_BYTES, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
-                raise EOFError("the other side closed the channel")
-            self._buf += chunk
-        start = _HEADER.size
-        data = bytes(self._buf[start:start + size])
-        del self._buf[:start + size]
-        return decode(data, self.schema)
+                self._eof = True
+                return True
+            got = True
+            self._ingest(chunk)
+        return got
+
+    def _drain_nowait(self) -> None:
+        """While a send waits: read incoming frames into the buffer so the peer, perhaps
+        blocked writing to us, can go on (skipped when another thread is receiving)."""
+        if self._recv_lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._read_nowait()
+            except OSError:
+                pass
+            finally:
+                self._recv_lock.release()
+
+    def _frame_ready(self) -> bool:
+        """A whole frame heads the buffer (caller holds the receive lock)."""
+        if self._skip:
+            drop = min(self._skip, len(self._buf))
+            del self._buf[:drop]
+            self._skip -= drop
+            if self._skip:
+                return False
+        if len(self._buf) < _HEADER.size:
+            return False
+        (size,) = _HEADER.unpack_from(self._buf)
+        if size > MAX_FRAME_BYTES:
+            del self._buf[:_HEADER.size]
+            self._skip = size
+            self._frame_ready()  # discard what is already buffered
+            raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}; skipping it")
+        return len(self._buf) >= _HEADER.size + size
 
     def poll(self, timeout: float | None = 0.0) -> bool:
-        """Whether a frame (or EOF) can be read within ``timeout`` seconds (``None``: wait)."""
-        if self._frame_size() is not None:
-            return True
-        if self._closed:
-            raise OSError("channel is closed")
-        if self._poller is None:  # pragma: no cover - platforms without poll()
-            ready, _, _ = select.select([self.sock], [], [], timeout)
-            return bool(ready)
-        ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
-        return bool(self._poller.poll(ms))
+        """Whether a whole frame (or EOF) can be read now, waiting up to ``timeout`` seconds
+        (``None``: wait). Raises :class:`ProtocolError` for an oversize frame header."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        with self._recv_lock:
+            while True:
+                if self._closed:
+                    raise OSError("channel is closed")
+                if self._frame_ready() or self._eof:
+                    return True
+                if self._read_nowait():
+                    continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                readable, _ = self._wait(remaining)
+                if not readable and remaining is not None and deadline is not None \
+                        and time.monotonic() >= deadline:
+                    return False
+
+    def recv(self, timeout: float | None = None) -> dict[str, Any]:
+        """Next frame, waiting up to ``timeout`` seconds (``None``: wait); ``EOFError`` when
+        the other side is gone, ``TimeoutError`` when no whole frame arrived in time."""
+        with self._recv_lock:
+            if not self.poll(timeout):
+                raise TimeoutError(f"no whole frame within {timeout}s")
+            if not self._frame_ready():
+                raise EOFError("the other side closed the channel")
+            (size,) = _HEADER.unpack_from(self._buf)
+            start = _HEADER.size
+            data = bytes(self._buf[start:start + size])
+            del self._buf[:start + size]
+        return decode(data, self.schema)
 
     def fileno(self) -> int:
-        return int(self.sock.fileno())
+        return int(self._fd)
 
     @property
     def closed(self) -> bool:
@@ -210,11 +370,6 @@ class Channel:
         if self._closed:
             return
         self._closed = True
-        try:
-            if self._poller is not None:
-                self._poller.unregister(self.sock.fileno())
-        except (OSError, KeyError, ValueError):
-            pass
         try:
             self.sock.close()
         except OSError:
@@ -314,7 +469,18 @@ def generate_request(
             raise TypeError("extra must be a dict of keyword arguments for the library")
         req["extra"] = dict(extra)
     try:
-        encode(req)
+        size = len(encode(req))
     except TypeError as exc:
         raise TypeError(f"generation arguments must be JSON-serialisable: {exc}") from None
+    check_request_size(size)
     return req
+
+
+def check_request_size(size: int) -> None:
+    """Refuse (``ValueError``) a request that would not fit in one frame, before sending it."""
+    limit = MAX_FRAME_BYTES - REQUEST_RESERVE_BYTES
+    if size > limit:
+        raise ValueError(
+            f"the request is {size} bytes as JSON; an isolated worker accepts at most {limit} "
+            f"bytes per request (protocol frame limit MAX_FRAME_BYTES = {MAX_FRAME_BYTES >> 20} "
+            "MiB): shorten the prompt")

@@ -12,7 +12,8 @@ What a caller gets:
 * typed failures — a dead worker is a :class:`SubprocessCrashError` (signal, classifier
   verdict, the log tail); no frame for ``timeout`` seconds is a
   :class:`SubprocessTimeoutError` (the worker is killed; a generation that keeps producing
-  tokens or heartbeats is never killed for wall time); an exception in the worker is a
+  tokens is never killed for wall time, but the prompt's prefill — time to the first token —
+  is bounded by ``prefill_timeout``); an exception in the worker is a
   :class:`MetalOOMError` (OOM class) or :class:`WorkerError` carrying the worker traceback;
 * respawn on the next call, after exponential backoff, a (bounded) wait for system memory
   to come back, and only when the circuit breaker and panic gate allow it;
@@ -40,12 +41,24 @@ from metal_guard.isolation.spawn import WorkerHandle, process_alive
 
 log = logging.getLogger("metal_guard.isolation.runner")
 
-__all__ = ["MLXSubprocessRunner"]
+__all__ = ["MLXSubprocessRunner", "RunnerBusyError"]
 
 DEFAULT_LOAD_TIMEOUT = 120.0
 DEFAULT_GENERATE_TIMEOUT = 300.0
 #: How long an abandoned request may take to wind down before its worker is replaced.
 ABANDON_SEC = 5.0
+
+
+class RunnerBusyError(SubprocessTimeoutError):
+    """Another thread's request kept the runner busy for longer than this request's timeout.
+
+    Nothing was sent and no worker was killed: the request never started.
+    """
+
+    def __init__(self, model_id: str, timeout: float, owner: int | None) -> None:
+        super().__init__(model_id, timeout, "queue")
+        self.args = (f"the worker for {model_id!r} stayed busy with another request (thread "
+                     f"{owner}) for {timeout:.1f}s; this request was not sent",)
 
 
 class MLXSubprocessRunner(WorkerLifecycle):
@@ -54,7 +67,9 @@ class MLXSubprocessRunner(WorkerLifecycle):
     ``model_id_or_path`` is whatever ``mlx_lm.load`` / ``mlx_vlm.load`` accept. The worker is
     started at construction (``start=False`` defers it to the first call). ``load_timeout``
     bounds start-up (wall time); ``generate_timeout`` is the default *no-progress* timeout of
-    a request. ``max_footprint_bytes`` overrides the hard footprint limit (default:
+    a request; ``prefill_timeout`` bounds the wall time from sending a request to its first
+    token (tokenisation and prompt prefill; default: the request's timeout).
+    ``max_footprint_bytes`` overrides the hard footprint limit (default:
     ``METALGUARD_WORKER_MAX_FOOTPRINT_GB``, else the recommended GPU working set / the
     tier's critical share of RAM). ``use_lock`` holds the L8 GPU lock for the runner's life.
     ``env`` adds variables to the worker's environment.
@@ -67,6 +82,7 @@ class MLXSubprocessRunner(WorkerLifecycle):
         backend: str = "mlx-lm",
         load_timeout: float = DEFAULT_LOAD_TIMEOUT,
         generate_timeout: float = DEFAULT_GENERATE_TIMEOUT,
+        prefill_timeout: float | None = None,
         max_footprint_bytes: int | None = None,
         use_lock: bool = True,
         start: bool = True,
@@ -84,6 +100,8 @@ class MLXSubprocessRunner(WorkerLifecycle):
         self.backend = normalize_backend(backend)
         self.load_timeout = positive("load_timeout", load_timeout)
         self.generate_timeout = positive("generate_timeout", generate_timeout)
+        self.prefill_timeout = (None if prefill_timeout is None
+                                else positive("prefill_timeout", prefill_timeout))
         self.heartbeat_interval_sec = positive("heartbeat_interval_sec", heartbeat_interval_sec)
         self.footprint_interval_sec = positive("footprint_interval_sec", footprint_interval_sec)
         self.backoff_base_sec = float(backoff_base_sec)
@@ -178,18 +196,24 @@ class MLXSubprocessRunner(WorkerLifecycle):
                  temperature: float = 0.3, top_p: float | None = None,
                  system: str | None = None, timeout: float | None = None,
                  seed: int | None = None, image: Any = None, apply_chat_template: bool = True,
-                 extra: dict[str, Any] | None = None, **sampling: Any) -> str:
+                 extra: dict[str, Any] | None = None, prefill_timeout: float | None = None,
+                 **sampling: Any) -> str:
         """Generate in the worker and return the text.
 
         ``timeout`` (default ``generate_timeout``) is the longest the worker may go without
-        producing a token or heartbeat. Other sampling arguments: ``top_k``, ``min_p``,
+        producing a token or a prefill chunk; ``prefill_timeout`` (default: the runner's, else
+        ``timeout``) the longest it may take to produce the first token. A request larger
+        than the protocol's frame limit raises ``ValueError`` before anything is sent; a
+        prompt whose estimated prefill peak passes the R4 ceiling is refused by the worker
+        (:class:`MetalOOMError`, the worker stays loaded). Other sampling arguments: ``top_k``, ``min_p``,
         ``min_tokens_to_keep``, ``xtc_probability``, ``xtc_threshold``, ``repetition_penalty``,
         ``repetition_context_size``, ``presence_penalty``, ``frequency_penalty``,
         ``logit_bias``. ``extra`` is passed to the library's ``stream_generate``.
         """
         req, wait = self._request(prompt, max_tokens, temperature, top_p, system, timeout, seed,
                                   image, apply_chat_template, extra, sampling)
-        with contextlib.closing(self._exchange(req, wait)) as frames:
+        prefill = self._prefill_wait(prefill_timeout, wait)
+        with contextlib.closing(self._exchange(req, wait, prefill)) as frames:
             return "".join(fr["text"] for fr in frames)
 
     def stream_generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 4096,
@@ -197,6 +221,7 @@ class MLXSubprocessRunner(WorkerLifecycle):
                         system: str | None = None, timeout: float | None = None,
                         seed: int | None = None, image: Any = None,
                         apply_chat_template: bool = True, extra: dict[str, Any] | None = None,
+                        prefill_timeout: float | None = None,
                         **sampling: Any) -> Iterator[str]:
         """Like :meth:`generate`, yielding text chunks as the worker produces them.
 
@@ -205,7 +230,7 @@ class MLXSubprocessRunner(WorkerLifecycle):
         """
         req, wait = self._request(prompt, max_tokens, temperature, top_p, system, timeout, seed,
                                   image, apply_chat_template, extra, sampling)
-        return self._stream(req, wait)
+        return self._stream(req, wait, self._prefill_wait(prefill_timeout, wait))
 
     def stats(self) -> dict[str, Any]:
         """Parent-side facts plus, when the worker is idle, its MLX counters (bytes)."""
@@ -241,7 +266,7 @@ class MLXSubprocessRunner(WorkerLifecycle):
         if proc is not None and process_alive(proc):
             if chan is not None:
                 with contextlib.suppress(OSError, ValueError):
-                    chan.send(P.frame(P.SHUTDOWN))
+                    chan.send(P.frame(P.SHUTDOWN), timeout=min(timeout, 2.0))
             # a worker blocked writing tokens to an open, unread stream cannot read the
             # shutdown frame: do not wait the full timeout for it
             busy = self._request_owner is not None
@@ -287,8 +312,13 @@ class MLXSubprocessRunner(WorkerLifecycle):
             req["debug_token_delay_sec"] = float(debug_delay)
         return req, wait
 
-    def _stream(self, req: dict[str, Any], wait: float) -> Iterator[str]:
-        with contextlib.closing(self._exchange(req, wait)) as frames:
+    def _prefill_wait(self, prefill_timeout: float | None, wait: float) -> float:
+        if prefill_timeout is not None:
+            return positive("prefill_timeout", prefill_timeout)
+        return self.prefill_timeout if self.prefill_timeout is not None else wait
+
+    def _stream(self, req: dict[str, Any], wait: float, prefill: float) -> Iterator[str]:
+        with contextlib.closing(self._exchange(req, wait, prefill)) as frames:
             for fr in frames:
                 if fr["text"]:
                     yield fr["text"]
@@ -297,18 +327,22 @@ class MLXSubprocessRunner(WorkerLifecycle):
                      **params: Any) -> dict[str, Any]:
         """Test hook: make the worker commit a fault (needs METALGUARD_WORKER_TEST_FAULTS=1)."""
         req = P.frame(P.DEBUG_FAULT, kind=kind, **params)
-        with contextlib.closing(self._exchange(req, timeout or self.generate_timeout)) as frames:
+        wait = timeout or self.generate_timeout
+        with contextlib.closing(self._exchange(req, wait, None)) as frames:
             for _ in frames:
                 pass
         return dict(self.last_result or {})
 
-    def _enter_request(self) -> None:
+    def _enter_request(self, wait: float) -> None:
+        """Take the runner for one request, waiting at most ``wait`` seconds for another
+        thread's request (an unfinished stream it never closes must not block us forever)."""
         me = threading.get_ident()
         if self._request_owner == me:
             raise RuntimeError(
                 f"a request to the worker for {self.model_id!r} is still open in this thread "
                 "(an unfinished stream_generate?); exhaust or close() it first")
-        self._request_lock.acquire()
+        if not self._request_lock.acquire(timeout=wait):
+            raise RunnerBusyError(self.model_id, wait, self._request_owner)
         self._request_owner = me
 
     def _exit_request(self) -> None:
@@ -317,10 +351,15 @@ class MLXSubprocessRunner(WorkerLifecycle):
         if self._closed:
             self._discard_if_idle(self._handle.proc)
 
-    def _exchange(self, request: dict[str, Any],
-                  wait: float) -> Generator[dict[str, Any], None, None]:
-        """Send one request and yield its token frames; the ``done`` frame ends it."""
-        self._enter_request()
+    def _exchange(self, request: dict[str, Any], wait: float,
+                  prefill: float | None) -> Generator[dict[str, Any], None, None]:
+        """Send one request and yield its token frames; the ``done`` frame ends it.
+
+        Every wait is bounded: the send by ``wait`` (the worker must take the request), each
+        frame by ``wait`` of no progress, and the first token by ``prefill`` seconds of wall
+        time (``None``: no separate bound).
+        """
+        self._enter_request(wait)
         try:
             proc, chan = self._ensure_worker()
             rid = next(self._ids)
@@ -331,17 +370,44 @@ class MLXSubprocessRunner(WorkerLifecycle):
             self._handle.current_id = rid
             finished = False
             try:
+                sent_at = self._clock()
                 try:
-                    chan.send(request)
+                    chan.send(request, timeout=wait)
+                except P.FrameTooLarge as exc:
+                    raise ValueError(str(exc)) from None
+                except TimeoutError:
+                    raise self._on_timeout(proc, "send", wait) from None
                 except (OSError, ValueError):
                     raise self._on_death(proc, "generate") from None
+                prefill_end = None if prefill is None else sent_at + prefill
+                # "tokenize" until the worker reports the prefill's start (template and
+                # tokenisation run on the CPU: a stall there is not a GPU hang), then
+                # "prefill" until the first token, then "generate".
+                phase = "tokenize" if request.get("type") == P.GENERATE else "generate"
+                progressed = False  # no frame yet: a timeout now is plain "no progress"
                 while True:
-                    fr = self._next_frame(proc, chan, wait, phase="generate", timeout=wait)
+                    step, message = wait, None
+                    if prefill_end is not None:
+                        left = prefill_end - self._clock()
+                        if left < wait:
+                            step = max(left, 0.0)
+                            if progressed:
+                                message = (f"worker for {self.model_id!r} did not finish the "
+                                           f"prompt prefill within {prefill:.1f}s "
+                                           "(prefill_timeout); killed")
+                    fr = self._next_frame(proc, chan, step, phase=phase, timeout=wait,
+                                          message=message)
                     if fr.get("id") not in (rid, None):
                         continue  # a late frame of an earlier, abandoned request
+                    progressed = True
                     kind = fr["type"]
                     if kind == P.TOKEN:
+                        prefill_end = None
+                        phase = "generate"
                         yield fr
+                    elif kind == P.HEARTBEAT and phase == "tokenize" and \
+                            fr.get("phase") == "prefill":
+                        phase = "prefill"
                     elif kind == P.DONE:
                         finished = True
                         self._failures = 0
@@ -366,7 +432,8 @@ class MLXSubprocessRunner(WorkerLifecycle):
         """The caller left mid-request: stop it in the worker, or replace the worker."""
         deadline = self._clock() + max(ABANDON_SEC, 3 * self.heartbeat_interval_sec)
         try:
-            chan.send(P.frame(P.STOP, id=rid, reason="request abandoned by the caller"))
+            chan.send(P.frame(P.STOP, id=rid, reason="request abandoned by the caller"),
+                      timeout=max(ABANDON_SEC, 3 * self.heartbeat_interval_sec))
             while self._clock() < deadline and process_alive(proc):
                 if chan.poll(0.1):
                     fr = chan.recv()

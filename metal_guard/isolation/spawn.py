@@ -49,6 +49,9 @@ __all__ = [
 ]
 
 LOG_TAIL_BYTES = 16 * 1024
+#: Default bound on a parent's control-frame send (stop, stats, shutdown); a request's own
+#: send is bounded by its timeout.
+PARENT_SEND_TIMEOUT_SEC = 5.0
 KEEP_CRASH_LOGS = 20
 #: Crash logs younger than this are never pruned (a live worker's log may look like one).
 PRUNE_MIN_AGE_SEC = 3600.0
@@ -167,7 +170,7 @@ class WorkerHandle:
             return WorkerHandle.wait_exit(proc)
         if chan is not None:
             with contextlib.suppress(OSError, ValueError):
-                chan.send(P.frame(P.SHUTDOWN))
+                chan.send(P.frame(P.SHUTDOWN), timeout=min(max(grace_sec, 0.1), 2.0))
         if grace_sec > 0:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 return proc.wait(timeout=grace_sec)
@@ -222,7 +225,7 @@ def start_worker(runner: WorkerLifecycle, handle: WorkerHandle) -> None:
     with _LIVE_LOCK:
         _LIVE_LOGS.add(str(log_path))
     handle.proc = proc
-    handle.chan = P.Channel(parent_sock, P.WORKER_FRAMES)
+    handle.chan = P.Channel(parent_sock, P.WORKER_FRAMES, send_timeout=PARENT_SEND_TIMEOUT_SEC)
     handle.log_path = log_path
     handle.ready = None
     handle.kill_reason = None

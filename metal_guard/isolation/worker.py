@@ -7,11 +7,15 @@ group, with stdout/stderr redirected to a per-worker log file that also receives
 
 1. set ``METALGUARD_SUBPROCESS_WORKER=1`` and ``TOKENIZERS_PARALLELISM=false``;
 2. start a watcher thread: exits at once when the parent dies (re-parenting or a broken
-   pipe) and sends ``heartbeat`` frames during model load and prompt prefill whenever the
-   worker has been quiet for the heartbeat interval (decoding reports progress by tokens);
+   pipe) and sends ``heartbeat`` frames during model load whenever the worker has been quiet
+   for the heartbeat interval. Prompt prefill reports progress only when a prefill chunk
+   really finished, and decoding by tokens: a prefill or decode step that stalls longer than
+   the parent's timeout is a hang, and the parent treats it as one;
 3. load the model with ``mlx_lm.load`` or ``mlx_vlm.load`` and send ``ready``;
-4. serve ``generate`` requests: chat template when the tokenizer has one, every sampling
-   argument, optional seed, tokens streamed one frame per step, each generation wrapped in
+4. serve ``generate`` requests: chat template when the tokenizer has one, the R4 prefill
+   guard on the tokenised prompt (:func:`metal_guard.prefill.require_prefill_fit`, before any
+   prefill allocation), every sampling argument, optional seed, tokens streamed one frame
+   per step, each generation wrapped in
    :func:`~metal_guard.isolation.helpers.subprocess_inference_guard` and preceded by
    :func:`~metal_guard.isolation.helpers.gemma4_generation_flush`.
 
@@ -51,8 +55,12 @@ WATCH_INTERVAL_SEC = 0.1
 #: rides with the next one. Streams slower than ~500 tokens/s get one frame per token; faster
 #: ones share frames, which keeps the parent from waking (and competing for the CPU) per token.
 TOKEN_COALESCE_SEC = 0.002
-#: Phases in which the watcher thread sends heartbeats (see :meth:`Worker.watch`).
-HEARTBEAT_PHASES = frozenset({"load", "prefill"})
+#: Phases in which the watcher thread sends heartbeats (see :meth:`Worker.watch`). Not
+#: prefill: a heartbeat from a side thread says nothing about the main thread's progress.
+HEARTBEAT_PHASES = frozenset({"load"})
+#: Longest ``message`` / ``traceback`` an error frame carries (an exception text may quote
+#: the whole prompt; the frame must stay far below the protocol limit).
+ERROR_TEXT_MAX_CHARS = 64 * 1024
 
 
 @dataclass
@@ -105,9 +113,10 @@ class Worker:
     def watch(self) -> None:
         """Watcher thread: parent liveness and heartbeats. Never touches MLX.
 
-        Heartbeats are sent only in the phases that cannot report finer progress — model
-        load and prompt prefill. While decoding, tokens are the progress: a decode step that
-        stalls longer than the parent's timeout is a hang, and the parent treats it as one.
+        Heartbeats are sent only while the model loads, which cannot report finer progress.
+        Prefill reports each finished chunk (:meth:`_prefill_progress`) and decoding each
+        token: a step that stalls longer than the parent's timeout is a hang, and the parent
+        treats it as one.
         """
         parent = self.config.parent_pid
         interval = max(0.05, float(self.config.heartbeat_interval_sec))
@@ -225,7 +234,8 @@ class Worker:
             last = None
             pending: list[str] = []
             flushed = float("-inf")
-            with contextlib.closing(self.model.stream(req, on_prefill=self._prefill_progress)) \
+            with contextlib.closing(self.model.stream(req, on_prefill=self._prefill_progress,
+                                                      before_prefill=self._guard_prefill)) \
                     as steps:
                 for step in steps:
                     self.phase = "generate"
@@ -243,6 +253,24 @@ class Worker:
             if pending:
                 self.send(P.frame(P.TOKEN, id=rid, text="".join(pending), n=n))
         self.send(P.frame(P.DONE, id=rid, **self.model.summary(last, n)))
+
+    def _guard_prefill(self, n_tokens: int) -> None:
+        """R4 in the worker: refuse (defensive) a prompt whose estimated prefill peak passes
+        the single-allocation ceiling or the free memory, before it is allocated."""
+        from metal_guard.prefill import lookup_dims, require_prefill_fit
+
+        assert self.model is not None
+        dims = self.model.dims or lookup_dims(self.config.model_id)
+        if dims is None:
+            return
+        available = None
+        with contextlib.suppress(Exception):
+            from metal_guard.hardware import system_memory
+
+            free = system_memory().available_bytes
+            available = free / 1e9 if isinstance(free, int) else None
+        require_prefill_fit(context_tokens=n_tokens, dims=dims, available_gb=available)
+        self.send(P.frame(P.HEARTBEAT, phase="prefill", processed=0, total=n_tokens))
 
     def _prefill_progress(self, processed: int, total: int) -> None:
         self.send(P.frame(P.HEARTBEAT, phase="prefill", processed=processed, total=total))
@@ -282,8 +310,8 @@ class Worker:
             id=rid,
             phase=phase,
             exc_type=type(exc).__name__,
-            message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
+            message=_clip(str(exc)),
+            traceback=_clip("".join(traceback.format_exception(exc))),
             error_class=cls.name if cls else None,
         ))
 
@@ -296,6 +324,13 @@ class Worker:
             return self.serve()
         finally:
             self._done.set()
+
+
+def _clip(text: str, limit: int = ERROR_TEXT_MAX_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n...[{len(text) - 2 * half} characters cut]...\n{text[-half:]}"
 
 
 def _prepare_process(config: WorkerConfig) -> None:
