@@ -86,9 +86,13 @@ def test_a_model_name_cannot_make_orphan_scan_kill_a_process(
                                            messages=[{"role": "user", "content": "hi"}])
     assert first.choices[0].message is not None  # the guarded server serves the tabbed path
 
+    # The switch resolves the requested model before it writes its breadcrumb (an unknown name
+    # is a 404 and never reaches the log), so the hostile name is a real model directory.
     old = (datetime.now(UTC) - timedelta(seconds=30)).isoformat()
-    evil = f"x\u2028[{old}] SUBPROC_PRE: evil"
-    with pytest.raises(openai.APIError):  # the switch fails (no such model), after the crumb
+    evil_dir = model_dir.parent / f"x\u2028[{old}] SUBPROC_PRE: evil"
+    shutil.copytree(model_dir, evil_dir)
+    evil = str(evil_dir)
+    with pytest.raises(openai.APIError):  # mlx-lm cannot load it; the crumb is already written
         client.chat.completions.create(model=evil, max_tokens=2,
                                        messages=[{"role": "user", "content": "hi"}])
 
