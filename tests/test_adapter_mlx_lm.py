@@ -18,6 +18,7 @@ from metal_guard.errors import (  # noqa: E402
     MetalOOMError,
     ModelDoesNotFitError,
 )
+from metal_guard.guards import suppressed as mg_suppressed  # noqa: E402
 from metal_guard.resources import global_resource_tracker  # noqa: E402
 
 PROMPT = "the quick brown fox"
@@ -175,12 +176,16 @@ def test_oom_during_generation_becomes_metal_oom_error(guarded: dict[str, Any], 
 
 def test_isolated_model_block_routes_runner_calls_to_the_worker(guarded: dict[str, Any],
                                                                 tiny_model_path: Path) -> None:
-    """Inside ``with isolated_model(...) as m``, mlx_lm calls given ``m`` run in the worker;
-    calls with an in-process model still run here, guarded."""
+    """Inside ``with isolated_model(...) as m``, mlx_lm calls given ``m`` run in the worker and
+    give what mlx_lm gives in-process (greedy by default, the prompt as given, the real finish
+    reason); calls with an in-process model still run here, guarded."""
     from metal_guard.adapters.mlx_lm import IsolatedResponse
     from metal_guard.isolation import context as isolation
 
     model, tok = mlx_lm.load(str(tiny_model_path))
+    with mg_suppressed():
+        expected = mlx_lm.generate(model, tok, prompt="hello", max_tokens=6)
+        expected_last = list(mlx_lm.stream_generate(model, tok, "hello", 6))[-1]
     tracker = global_resource_tracker()
     with isolation.isolated_model(str(tiny_model_path)) as runner:
         before = tracker.count
@@ -189,7 +194,56 @@ def test_isolated_model_block_routes_runner_calls_to_the_worker(guarded: dict[st
         assert tracker.count == before  # nothing generated in this process
         local = mlx_lm.generate(model, tok, prompt="hello", max_tokens=3)
         assert tracker.count == before + 1
-    assert isinstance(text, str) and isinstance(local, str)
+    assert text == expected and isinstance(local, str)
     assert chunks and all(isinstance(c, IsolatedResponse) for c in chunks)
-    assert chunks[-1].finish_reason == "stop"
     assert "".join(c.text for c in chunks) == text
+    # the worker's own finish reason, the same as in-process mlx_lm's for this call
+    assert expected_last.finish_reason in ("length", "stop")
+    assert chunks[-1].finish_reason == expected_last.finish_reason
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_isolated_routing_carries_sampling_and_refuses_what_cannot_cross(
+        guarded: dict[str, Any], tiny_model_path: Path) -> None:
+    """Seeded temperature sampling in the worker equals the same sampling in-process; a sampler
+    function or logits processors cannot cross and raise TypeError instead of being dropped."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import greedy_sampler, make_sampler
+
+    from metal_guard.isolation import context as isolation
+
+    model, tok = mlx_lm.load(str(tiny_model_path))
+    with mg_suppressed():
+        mx.random.seed(3)
+        hot = mlx_lm.generate(model, tok, prompt="hello", max_tokens=10,
+                              sampler=make_sampler(temp=5.0, top_k=40))
+        greedy = mlx_lm.generate(model, tok, prompt="hello", max_tokens=10)
+    assert hot != greedy  # the comparison below can tell sampling from greedy
+    with isolation.isolated_model(str(tiny_model_path)) as runner:
+        routed = mlx_lm.generate(runner, None, prompt="hello", max_tokens=10, temp=5.0, top_k=40,
+                                 seed=3)
+        routed_greedy = mlx_lm.generate(runner, None, prompt="hello", max_tokens=10,
+                                        sampler=greedy_sampler)
+        with pytest.raises(TypeError, match="sampler cannot cross"):
+            mlx_lm.generate(runner, None, prompt="hello", sampler=make_sampler(temp=0.7))
+        with pytest.raises(TypeError, match="logits_processors"):
+            list(mlx_lm.stream_generate(runner, None, "hello", 4,
+                                        logits_processors=[lambda toks, logits: logits]))
+        with pytest.raises(TypeError, match="frobnicate"):
+            mlx_lm.generate(runner, None, prompt="hello", frobnicate=1)
+        with pytest.raises(TypeError, match="as text"):
+            mlx_lm.generate(runner, None, prompt=[1, 2, 3])
+    assert routed == hot and routed_greedy == greedy
+
+
+def test_routed_call_defaults_are_mlx_lms() -> None:
+    """Unset arguments get mlx_lm's defaults (greedy, 256 tokens), not the runner's."""
+    from metal_guard.adapters.mlx_lm import _routed
+
+    prompt, options, verbose = _routed(("m", None, "hi"), {}, streaming=False)
+    assert (prompt, verbose) == ("hi", False)
+    assert options == {"max_tokens": 256, "temperature": 0.0, "apply_chat_template": False}
+    _, options, _ = _routed(("m", None, "hi", 7), {"top_p": 0.9, "max_kv_size": 64},
+                            streaming=True)
+    assert options["max_tokens"] == 7 and options["top_p"] == 0.9
+    assert options["extra"] == {"max_kv_size": 64}
