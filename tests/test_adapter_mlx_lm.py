@@ -247,3 +247,71 @@ def test_routed_call_defaults_are_mlx_lms() -> None:
                             streaming=True)
     assert options["max_tokens"] == 7 and options["top_p"] == 0.9
     assert options["extra"] == {"max_kv_size": 64}
+
+
+# --------------------------------------------------------------------------- version range
+
+
+def test_version_in_range_is_patched_and_reported() -> None:
+    from metal_guard.adapters import mlx_lm as adapter
+    from metal_guard.install_report import AdapterState, distribution_version
+
+    report = mg.install(adapters=["mlx_lm"], cadence=False)
+    try:
+        row = mg.adapter_report().adapters["mlx_lm"]
+        assert row.state is AdapterState.PATCHED and row.reason == "" and row.untested == []
+        assert row.requires == list(adapter.INSTRUMENTS)
+        assert row.versions == {"mlx-lm": distribution_version("mlx-lm")}
+        assert report.as_dict()["adapters"]["mlx_lm"]["state"] == "patched"
+    finally:
+        mg.uninstall()
+
+
+def test_untested_version_is_degraded_loudly_but_still_guards(
+        monkeypatch: pytest.MonkeyPatch, tiny_model_path: Path) -> None:
+    """An mlx-lm outside the adapter's declared range: every target is still wrapped (never
+    worse than unguarded), the state says "degraded: untested mlx-lm X", one warning says so;
+    strict=True refuses instead."""
+    import warnings
+
+    from metal_guard import install_report
+    from metal_guard.adapters.base import count_guards
+    from metal_guard.errors import AdapterError
+
+    real = install_report.distribution_version
+    monkeypatch.setattr(install_report, "distribution_version",
+                        lambda dist: "0.40.0" if dist == "mlx-lm" else real(dist))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mg.install(adapters=["mlx_lm"], cadence=False)
+    try:
+        ours = [w for w in caught if "untested mlx-lm 0.40.0" in str(w.message)]
+        assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+        row = mg.adapter_report().adapters["mlx_lm"]
+        assert row.state == "degraded"
+        assert row.reason.startswith("untested mlx-lm 0.40.0 (written for mlx-lm")
+        assert row.versions == {"mlx-lm": "0.40.0"} and len(row.sites) == 7
+        assert count_guards(mlx_lm.generate) == 1 and count_guards(mlx_lm.load) == 1
+        model, tok = mlx_lm.load(str(tiny_model_path))
+        before = global_resource_tracker().count
+        assert mlx_lm.generate(model, tok, prompt=PROMPT, max_tokens=3)
+        assert global_resource_tracker().count == before + 1  # the guard ran
+    finally:
+        mg.uninstall()
+    with pytest.raises(AdapterError, match="untested mlx-lm 0.40.0"):
+        mg.install(adapters=["mlx_lm"], strict=True, cadence=False)
+    assert not mg.is_installed() and count_guards(mlx_lm.generate) == 0
+
+
+def test_check_requirements_reads_the_seam(monkeypatch: pytest.MonkeyPatch) -> None:
+    from metal_guard import install_report
+
+    versions = {"a-lib": "1.2.3", "b-lib": None, "c-lib": "not a version", "d-lib": "2.0.0rc1"}
+    monkeypatch.setattr(install_report, "distribution_version", versions.get)
+    found, untested = install_report.check_requirements(
+        ["a-lib>=1.2,<1.3", "b-lib>=1", "c-lib>=1", "d-lib>=1,<2", "not a requirement !!"])
+    assert found == {"a-lib": "1.2.3", "b-lib": None, "c-lib": "not a version",
+                     "d-lib": "2.0.0rc1"}
+    assert [u.split(" (")[0].split(":")[0] for u in untested] == [
+        "untested b-lib", "untested c-lib not a version", "untested d-lib 2.0.0rc1",
+        "invalid version range 'not a requirement !!'"]

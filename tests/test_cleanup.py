@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from metal_guard import cleanup
+from metal_guard.cleanup import CleanupResult
 from metal_guard.breadcrumbs import tail
 from metal_guard.instance import MetalGuard
 
@@ -67,8 +68,9 @@ def test_safe_cleanup_from_a_registered_thread_does_not_raise(cached_buffers: No
     t.join(30)
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
-    assert isinstance(result, dict)
-    assert result["skipped_self"] is True and result["waited_alive"] == 0 and result["flushed"] is True
+    assert isinstance(result, CleanupResult)
+    assert result.skipped_self is True and result.waited_alive == 0 and result.flushed is True
+    assert result["flushed"] is True and result.as_dict()["skipped_self"] is True  # 0.x dict view
     assert mx.get_cache_memory() == 0
 
 
