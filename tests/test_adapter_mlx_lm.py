@@ -298,7 +298,7 @@ def test_untested_version_is_degraded_loudly_but_still_guards(
         assert global_resource_tracker().count == before + 1  # the guard ran
     finally:
         mg.uninstall()
-    with pytest.raises(AdapterError, match="untested mlx-lm 0.40.0"):
+    with pytest.raises(AdapterError, match=r"untested mlx-lm 0\.40\.0"):
         mg.install(adapters=["mlx_lm"], strict=True, cadence=False)
     assert not mg.is_installed() and count_guards(mlx_lm.generate) == 0
 

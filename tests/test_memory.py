@@ -160,7 +160,7 @@ def test_unknown_fit_one_rule_loud_by_default_refused_at_strict(monkeypatch: pyt
         allowed = memory.require_fit(None, "model-without-hints", cleanup=cleanup)
     assert allowed.verdict == "unknown" and cleanup.calls == 0
     assert any(b.tag == "FIT_UNKNOWN" for b in tail(5))
-    with pytest.raises(ModelDoesNotFitError, match="cannot verify.*strict"):
+    with pytest.raises(ModelDoesNotFitError, match=r"cannot verify.*strict"):
         memory.require_fit(None, "model-without-hints", level="strict")
     with pytest.raises(ModelDoesNotFitError, match="cannot verify"):
         memory.require_fit(None, "model-without-hints", on_unknown="refuse")

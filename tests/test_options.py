@@ -75,12 +75,12 @@ def test_the_same_checks_everywhere(enter: Callable[..., None]) -> None:
         enter(mode="reckless")
     with pytest.raises(SettingsError, match="fit_level"):
         enter(fit_level="loose")
-    with pytest.raises(TypeError, match="label.*removed"):
+    with pytest.raises(TypeError, match=r"label.*removed"):
         enter(label="nightly")
 
 
 def test_per_call_and_install_only_keys() -> None:
-    with pytest.raises(TypeError, match="model_id.*one call"):
+    with pytest.raises(TypeError, match=r"model_id.*one call"):
         installer.install(model_id="x")
     with pytest.raises(TypeError, match="adapters"):
         guarded_generate(adapters=["mlx_lm"])
@@ -166,5 +166,5 @@ def test_docs_table_is_generated_from_the_vocabulary() -> None:
 
 
 def test_policy_keys_are_the_vocabulary() -> None:
-    assert policy.POLICY_KEYS == options.option_names()
+    assert options.option_names() == policy.POLICY_KEYS
     assert all(o.name.endswith("_sec") for o in options.OPTIONS if o.kind == "float")
