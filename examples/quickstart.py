@@ -48,8 +48,8 @@ def main() -> int:
         return 1
     print(text)
 
-    adapters = metal_guard.adapter_report()["adapters"]
-    patched = [name for name, row in adapters.items() if row["state"] == "patched"]
+    adapters = metal_guard.adapter_report().adapters
+    patched = [name for name, row in adapters.items() if row.state == "patched"]
     print(f"guarded by metal-guard: {', '.join(patched)} (other adapters activate when their "
           "library is imported)")
     return 0

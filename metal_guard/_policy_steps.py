@@ -134,7 +134,7 @@ def before_load(model_id: str, info: Any, pol: Mapping[str, Any], s: Settings) -
     migrate = _guard_layer("metal_guard.migrate", s)
     if migrate is not None:  # a metal-guard 0.11 cooldown / breaker / recent load is honoured
         migrate.ensure_imported(s)
-    if pol.get("gate", True):
+    if not s.panic_gate_disabled:  # gate=False / METALGUARD_PANIC_GATE_DISABLED=1
         gate = _guard_layer("metal_guard.forensics.gate", s)
         if gate is not None:
             _step("panic gate", lambda: _gate(gate, s), mode, model_id)
@@ -150,8 +150,10 @@ def before_load(model_id: str, info: Any, pol: Mapping[str, Any], s: Settings) -
     if s.fit_check:
         memory = _guard_layer("metal_guard.memory", s)
         if memory is not None:
+            # an unknown size follows the one rule of require_fit(): loud at the default
+            # levels, refused at strict (docs/memory.md)
             _step("fit check", lambda: memory.require_fit(
-                model_name=info.local_path or model_id, on_unknown="allow", settings=s,
+                model_name=info.local_path or model_id, settings=s,
                 cleanup=light_cleanup), mode, model_id)
     if s.cadence:
         cadence = _guard_layer("metal_guard.cadence", s)
@@ -292,7 +294,7 @@ def first_generation_flush(info: Any, pol: Mapping[str, Any], hot: Settings) -> 
         if len(_first_gen_seen) > 4096:
             _first_gen_seen.clear()
     info.extra["first_generation"] = True
-    if pol.get("gemma4_firstgen_disabled", hot.gemma4_firstgen_disabled):
+    if not pol.get("gemma4_firstgen_flush", not hot.gemma4_firstgen_disabled):
         return
     cadence = _guard_layer("metal_guard.cadence", hot)
     if cadence is None or not cadence.is_gemma4_family(str(info.model_id)):

@@ -18,16 +18,19 @@ it no longer count. State is persisted in ``<state>/breaker.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from metal_guard import storage
+from metal_guard._results import ResultRecord
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MLXCooldownActive, SettingsError
 from metal_guard.forensics.records import PROCESS_CRASH, PanicRecord
@@ -36,7 +39,7 @@ from metal_guard.settings import get_settings
 
 log = logging.getLogger("metal_guard.breaker")
 
-__all__ = ["CircuitBreaker", "ingest_panics_jsonl", "read_panic_archive"]
+__all__ = ["BreakerStatus", "CircuitBreaker", "ingest_panics_jsonl", "read_panic_archive"]
 
 BREAKER_FILE = "breaker.json"
 PANICS_FILE = "panics.jsonl"
@@ -208,6 +211,34 @@ def ingest_panics_jsonl(
 # --------------------------------------------------------------------------- breaker
 
 
+@dataclass(frozen=True, eq=False)
+class BreakerStatus(ResultRecord):
+    """What :meth:`CircuitBreaker.status` / :meth:`~CircuitBreaker.check` /
+    :meth:`~CircuitBreaker.record_failure` report (``as_dict()`` for JSON; reading it as the
+    0.11 dict, ``status["in_cooldown"]``, still works)."""
+
+    in_cooldown: bool
+    #: ``"open"`` while cooling down, else ``"closed"``
+    state: str
+    cooldown_until: float | None
+    cooldown_remaining_sec: float
+    tripped_at: float | None
+    trip_failure_count: int
+    panic_threshold: int
+    window_sec: float
+    cooldown_sec: float
+    recent_panic_count: int
+    recent_crash_count: int
+    recent_failure_count: int
+    recent_ignored_panic_count: int
+    cleared_at: float | None
+    state_path: str
+    jsonl_path: str
+    #: ``check()`` only: why the report scan could not see its whole window (empty: it could)
+    report_scan_errors: list[str] | None = dataclasses.field(default=None,
+                                                             metadata={"omit_none": True})
+
+
 
 class CircuitBreaker:
     """Refuse new MLX workers after ``panic_threshold`` GPU failures within ``window_sec``.
@@ -277,7 +308,7 @@ class CircuitBreaker:
         events.sort()
         return events, ignored
 
-    def _evaluate(self, state: dict[str, Any], now: float, *, repair: bool = False) -> dict[str, Any]:
+    def _evaluate(self, state: dict[str, Any], now: float, *, repair: bool = False) -> BreakerStatus:
         events, ignored = self._events(state, now, repair=repair)
         times = [ts for ts, _ in events]
         k = self.panic_threshold
@@ -295,46 +326,48 @@ class CircuitBreaker:
             trip_count = int(state.get("panic_count") or trip_count)
         in_window = [kind for ts, kind in events if ts > now - self.window_sec]
         active = cooldown_until is not None and now < cooldown_until
-        return {
-            "in_cooldown": active,
-            "state": "open" if active else "closed",
-            "cooldown_until": cooldown_until if active else None,
-            "cooldown_remaining_sec": round(cooldown_until - now, 3) if active and cooldown_until else 0.0,
-            "tripped_at": tripped_at if active else None,
-            "trip_failure_count": trip_count if active else 0,
-            "panic_threshold": k,
-            "window_sec": self.window_sec,
-            "cooldown_sec": self.cooldown_sec,
-            "recent_panic_count": in_window.count("panic"),
-            "recent_crash_count": in_window.count("crash"),
-            "recent_failure_count": len(in_window),
-            "recent_ignored_panic_count": ignored,
-            "cleared_at": state.get("cleared_at"),
-            "state_path": str(self.state_path),
-            "jsonl_path": str(self.jsonl_path),
-        }
+        return BreakerStatus(
+            in_cooldown=active,
+            state="open" if active else "closed",
+            cooldown_until=cooldown_until if active else None,
+            cooldown_remaining_sec=round(cooldown_until - now, 3) if active and cooldown_until else 0.0,
+            tripped_at=tripped_at if active else None,
+            trip_failure_count=trip_count if active else 0,
+            panic_threshold=k,
+            window_sec=self.window_sec,
+            cooldown_sec=self.cooldown_sec,
+            recent_panic_count=in_window.count("panic"),
+            recent_crash_count=in_window.count("crash"),
+            recent_failure_count=len(in_window),
+            recent_ignored_panic_count=ignored,
+            cleared_at=state.get("cleared_at"),
+            state_path=str(self.state_path),
+            jsonl_path=str(self.jsonl_path),
+        )
 
-    def _persist_trip(self, status: dict[str, Any], now: float) -> None:
+    def _persist_trip(self, status: BreakerStatus, now: float) -> None:
+        until = status.cooldown_until
+
         def apply(state: dict[str, Any]) -> None:
-            if state.get("cooldown_until") == status["cooldown_until"]:
+            if state.get("cooldown_until") == until:
                 return
             state.update(
-                cooldown_until=status["cooldown_until"],
-                entered_at=status["tripped_at"],
-                panic_count=status["trip_failure_count"],
+                cooldown_until=until,
+                entered_at=status.tripped_at,
+                panic_count=status.trip_failure_count,
                 window_sec=self.window_sec,
                 threshold=self.panic_threshold,
             )
 
-        if self._read_state().get("cooldown_until") == status["cooldown_until"]:
+        if until is None or self._read_state().get("cooldown_until") == until:
             return
         storage.update_json(self.state_path, apply, dict, expect=dict, validate=_valid_state)
         log.warning(
             "circuit breaker tripped: %d GPU failure(s) within %.0fs; MLX work refused for %.0fs",
-            status["trip_failure_count"], self.window_sec, status["cooldown_remaining_sec"],
+            status.trip_failure_count, self.window_sec, status.cooldown_remaining_sec,
         )
-        _crumb("BREAKER_TRIP", "", failures=status["trip_failure_count"],
-               cooldown_until=round(status["cooldown_until"], 3))
+        _crumb("BREAKER_TRIP", "", failures=status.trip_failure_count,
+               cooldown_until=round(until, 3))
 
     # ------------------------------------------------------------------ API
 
@@ -350,31 +383,32 @@ class CircuitBreaker:
             self.last_scan_errors.append(f"panic report ingest failed: {type(exc).__name__}: {exc}")
             return 0
 
-    def status(self, *, now: float | None = None) -> dict[str, Any]:
+    def status(self, *, now: float | None = None) -> BreakerStatus:
         """The breaker's state (read-only; does not ingest or persist)."""
         ensure_legacy_imported()  # a metal-guard 0.11 open breaker stays open (migrate.py)
         return self._evaluate(self._read_state(), self._now(now))
 
-    def check(self, *, now: float | None = None, ingest: bool | None = None) -> dict[str, Any]:
-        """Raise :class:`MLXCooldownActive` while the breaker is open; else return :meth:`status`."""
+    def check(self, *, now: float | None = None, ingest: bool | None = None) -> BreakerStatus:
+        """Raise :class:`MLXCooldownActive` while the breaker is open; else return the status,
+        with ``report_scan_errors`` (why the report scan could not see its whole window)."""
         at = self._now(now)
         ensure_legacy_imported()  # a metal-guard 0.11 open breaker stays open (migrate.py)
         scan_errors: list[str] = []
         if self.auto_ingest if ingest is None else ingest:
             self.ingest(now=at)
             scan_errors = list(self.last_scan_errors)
-        status = self._evaluate(self._read_state(), at, repair=True)
-        status["report_scan_errors"] = scan_errors  # the reports could not all be seen
-        if status["in_cooldown"]:
+        status = dataclasses.replace(self._evaluate(self._read_state(), at, repair=True),
+                                     report_scan_errors=scan_errors)
+        if status.in_cooldown:
             self._persist_trip(status, at)
             raise MLXCooldownActive(
-                remaining_sec=status["cooldown_remaining_sec"],
-                cooldown_until=status["cooldown_until"],
-                panic_count=status["trip_failure_count"],
+                remaining_sec=status.cooldown_remaining_sec,
+                cooldown_until=status.cooldown_until,
+                panic_count=status.trip_failure_count,
                 window_sec=self.window_sec,
                 message=(
-                    f"MLX circuit breaker open after {status['trip_failure_count']} GPU failure(s) "
-                    f"within {self.window_sec:.0f}s: {status['cooldown_remaining_sec']:.0f}s remaining "
+                    f"MLX circuit breaker open after {status.trip_failure_count} GPU failure(s) "
+                    f"within {self.window_sec:.0f}s: {status.cooldown_remaining_sec:.0f}s remaining "
                     "(metal-guard breaker clear overrides)"
                 ),
             )
@@ -382,7 +416,7 @@ class CircuitBreaker:
 
     def record_failure(
         self, kind: str, detail: str = "", *, pid: int | None = None, now: float | None = None
-    ) -> dict[str, Any]:
+    ) -> BreakerStatus:
         """Count one GPU failure observed by this process (e.g. a worker crash); return the status.
 
         Record only failures that point at the GPU (a Metal abort, a GPU hang, a worker killed by
@@ -404,7 +438,7 @@ class CircuitBreaker:
         state = storage.update_json(self.state_path, apply, dict, expect=dict, validate=_valid_state)
         _crumb("BREAKER_FAILURE", entry["kind"], pid=pid)
         status = self._evaluate(state, at)
-        if status["in_cooldown"]:
+        if status.in_cooldown:
             self._persist_trip(status, at)
         return status
 

@@ -18,17 +18,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from metal_guard import backend
+from metal_guard._results import ResultRecord
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.settings import Settings, get_settings
 
 log = logging.getLogger("metal_guard.cleanup")
 
-__all__ = ["ThreadRegistry", "flush_gpu", "kv_cache_clear_on_pressure", "safe_cleanup"]
+__all__ = ["CleanupResult", "ThreadRegistry", "flush_gpu", "kv_cache_clear_on_pressure", "safe_cleanup"]
 
 Sleep = Callable[[float], Any]
+
+
+@dataclass(frozen=True, eq=False)
+class CleanupResult(ResultRecord):
+    """What :func:`safe_cleanup` did (``as_dict()`` for JSON; ``result["flushed"]`` still works)."""
+
+    #: registered GPU threads still alive after the wait
+    waited_alive: int
+    #: the MLX cache was synchronised and cleared
+    flushed: bool
+    #: the caller is itself a registered thread (it was not waited for)
+    skipped_self: bool
+    #: defensive mode did not clear the cache because GPU threads were still running
+    flush_skipped: bool
+    #: objects ``gc.collect()`` found
+    gc_collected: int
 
 
 
@@ -101,10 +119,9 @@ def safe_cleanup(
     registry: ThreadRegistry | None = None, *, cooldown_secs: float = 2.0,
     thread_timeout_secs: float | None = 30.0, sleep: Sleep = time.sleep,
     settings: Settings | None = None, reason: str = "",
-) -> dict[str, Any]:
+) -> CleanupResult:
     """wait for threads → ``gc.collect()`` → flush → cool down. Never raises for a registered
-    caller. Returns what was done: ``waited_alive``, ``flushed``, ``skipped_self``,
-    ``flush_skipped``."""
+    caller. Returns what was done (:class:`CleanupResult`)."""
     settings = settings or get_settings()
     registry = registry or ThreadRegistry()
     me = threading.current_thread()
@@ -125,8 +142,8 @@ def safe_cleanup(
     if cooldown_secs > 0:
         sleep(cooldown_secs)
     _crumb("CLEANUP", "DONE", flushed=flushed, gc=collected)
-    return {"waited_alive": alive, "flushed": flushed, "skipped_self": skipped_self,
-            "flush_skipped": flush_skipped, "gc_collected": collected}
+    return CleanupResult(waited_alive=alive, flushed=flushed, skipped_self=skipped_self,
+                         flush_skipped=flush_skipped, gc_collected=collected)
 
 
 @contextlib.contextmanager

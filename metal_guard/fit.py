@@ -24,7 +24,8 @@ off       never refuses (the numbers are still computed and reported, as for ``r
 
 Model sizes come, in order of preference, from a measured peak in the ledger, the caller's
 figure, local safetensors / the Hugging Face cache, then the model name. A size or limit that
-cannot be read gives ``unknown`` — never ``fits``.
+cannot be read gives ``unknown`` — never ``fits``. :func:`require_fit` refuses an unknown only at
+``strict``; the other levels let it load with a warning (:func:`unknown_policy`, the one rule).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -240,6 +242,12 @@ def can_fit(model_size_gb: float | None = None, overhead_gb: float | None = None
                      context_tokens=context_tokens, level=level).verdict == FITS
 
 
+def unknown_policy(level: str) -> str:
+    """The one rule for a fit that cannot be decided: ``"refuse"`` at ``strict``, else ``"allow"``
+    (loudly; ``off`` never refuses anything)."""
+    return "refuse" if level == "strict" else "allow"
+
+
 def require_fit(
     model_size_gb: float | None = None, model_name: str | os.PathLike[str] = "",
     overhead_gb: float | None = None, *, cache_clear_cb: Callable[[], Any] | None = None,
@@ -253,9 +261,15 @@ def require_fit(
     Defensive mode: if it does not fit, run ``cleanup`` (``safe_cleanup``) and check again; with
     ``escalated_cooldown_sec > 0`` also call ``cache_clear_cb`` (errors logged), clean up, reset
     the MLX peak, wait, and check once more; then raise :class:`ModelDoesNotFitError` (a
-    ``MemoryError``) whose message names the number that refused and how to override it. An
-    ``unknown`` verdict is refused too unless ``on_unknown="allow"``. Level ``off`` and observer
-    mode record the verdict and return it without cleaning up or raising.
+    ``MemoryError``) whose message names the number that refused and how to override it.
+    Level ``off`` and observer mode record the verdict and return it without cleaning up or
+    raising.
+
+    **Unknown** (the size or the limit cannot be read) follows one rule, on every path (this
+    function, the load policy of ``install()`` and the decorators): level ``strict`` refuses it;
+    ``balanced`` and ``relaxed`` let the load through *loudly* (a warning and a ``FIT_UNKNOWN``
+    breadcrumb each time) — never worse than unguarded. ``on_unknown="refuse"`` / ``"allow"``
+    decides for one call instead.
     """
     from metal_guard import backend
 
@@ -281,17 +295,22 @@ def require_fit(
                     name or "model", result.verdict, result.reason)
         return result
     if result.verdict == UNKNOWN:
-        policy = on_unknown or "refuse"
-        if policy not in ("refuse", "allow"):
+        if on_unknown not in (None, "refuse", "allow"):
             raise ValueError(f"on_unknown must be 'refuse' or 'allow', got {on_unknown!r}")
+        policy = on_unknown or unknown_policy(level)
         if policy == "allow":
-            log.warning("fit of %s unknown (%s); allowed by on_unknown='allow'", name or "model", result.reason)
-            _crumb("FIT_UNKNOWN", result.reason, model=name or "-", action="allow")
+            why = "on_unknown='allow'" if on_unknown else f"fit level {level}"
+            message = (f"metal-guard cannot tell whether {name or 'the model'} fits ({result.reason}); "
+                       f"loading it anyway ({why}). METALGUARD_FIT_LEVEL=strict refuses such loads.")
+            log.warning("%s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            _crumb("FIT_UNKNOWN", result.reason, model=name or "-", action="allow", level=level)
             return result
-        _crumb("FIT_REFUSED", result.reason, model=name or "-", verdict=UNKNOWN)
+        _crumb("FIT_REFUSED", result.reason, model=name or "-", verdict=UNKNOWN, level=level)
         raise ModelDoesNotFitError(
-            f"cannot verify that {name or 'the model'} fits: {result.reason}. Pass on_unknown='allow' "
-            "(or use observer mode, or METALGUARD_FIT_LEVEL=off) to load anyway.", model_name=name,
+            f"cannot verify that {name or 'the model'} fits: {result.reason} [fit level {level}]. "
+            "To load anyway: METALGUARD_FIT_LEVEL=balanced (loads it with a warning), "
+            "on_unknown='allow', or observer mode.", model_name=name,
             required_bytes=result.required_bytes, available_bytes=result.available_bytes)
     log.warning("%s does not fit (%s); cleaning up and re-checking", name or "model", result.reason)
     if cleanup is not None:

@@ -67,13 +67,15 @@ def guarded_generate(fn: None = None, /, **policy: Any) -> Callable[[F], F]: ...
 def guarded_generate(fn: Any = None, /, **policy: Any) -> Any:
     """Decorate a function that runs MLX generation (see the module docstring).
 
-    ``policy`` keys: see :data:`metal_guard.policy.POLICY_KEYS` (``model_id``, ``mode``,
-    ``flush_every_n``, ``prefill_guard``, ``oom_retries``, ``cadence``, ``fit_check``, ...).
-    An unknown key is a ``TypeError`` at decoration time.
+    ``policy``: the guard options of :mod:`metal_guard.options` (``model_id``, ``mode``,
+    ``flush_every_n``, ``prefill_guard``, ``oom_retries``, ``cadence``, ``fit_check``, ...),
+    the same keys as ``install()`` and ``guard_policy()``. They are checked when the
+    decorator is applied: an unknown key or a wrong type is a ``TypeError``, a value out of
+    range a ``SettingsError`` (a ``ValueError``).
     """
     from metal_guard.policy import validate_policy
 
-    overrides = validate_policy(policy)
+    overrides = validate_policy(policy, where="guarded_generate()", stacklevel=4)
     if fn is not None and not callable(fn):
         raise TypeError(f"guarded_generate() expects a function, got {type(fn).__name__}")
 
@@ -90,7 +92,8 @@ def guarded_generate(fn: Any = None, /, **policy: Any) -> Any:
 
 def guard_policy(**policy: Any) -> Any:
     """Context manager: apply ``policy`` to every guarded call inside the block (adapters and
-    decorators alike). Same keys as :func:`guarded_generate`; context-local."""
+    decorators alike). The same option keys as :func:`guarded_generate` and ``install()``,
+    checked at once (before the block runs); context-local."""
     from metal_guard.policy import scope
 
     return scope(**policy)

@@ -37,15 +37,24 @@ from typing import Any
 
 from metal_guard import _import_hooks
 from metal_guard.errors import AdapterError, SettingsError
+from metal_guard.install_report import (
+    AdapterState,
+    AdapterStatus,
+    InstallReport,
+    check_requirements,
+)
 
 log = logging.getLogger("metal_guard.installer")
 
 __all__ = [
-    "REGISTRY", "AdapterInfo", "adapter_report", "install", "is_installed", "register_adapter",
-    "uninstall",
+    "REGISTRY", "AdapterInfo", "AdapterState", "AdapterStatus", "InstallReport", "adapter_report",
+    "install", "is_installed", "register_adapter", "uninstall",
 ]
 
-PENDING, PATCHED, DEGRADED, FAILED, DISABLED = "pending", "patched", "degraded", "failed", "disabled"
+PENDING, PATCHED, DEGRADED, FAILED, DISABLED = (
+    AdapterState.PENDING, AdapterState.PATCHED, AdapterState.DEGRADED, AdapterState.FAILED,
+    AdapterState.DISABLED,
+)
 
 
 @dataclass(frozen=True)
@@ -108,12 +117,21 @@ class _Site:
 @dataclass
 class _AdapterState:
     info: AdapterInfo
-    state: str = PENDING
+    state: AdapterState = PENDING
     reason: str = ""
     sites: dict[str, _Site] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)
     modules: set[str] = field(default_factory=set)
+    requires: list[str] = field(default_factory=list)
+    versions: dict[str, str | None] | None = None  # None: not checked yet
+    untested: list[str] = field(default_factory=list)
+
+    def degraded_reason(self) -> str:
+        parts = list(self.untested)
+        if self.missing:
+            parts.append("targets not found: " + ", ".join(self.missing))
+        return "; ".join(parts)
 
 
 @dataclass
@@ -161,20 +179,23 @@ def install(
     disabled_adapters: Iterable[str] | None = None,
     strict: bool | None = None,
     rebind_aliases: bool | None = None,
-    **policy: Any,
-) -> dict[str, Any]:
+    **options: Any,
+) -> InstallReport:
     """Guard MLX libraries now and whenever they are imported later. Returns :func:`adapter_report`.
 
     ``adapters`` / ``disabled_adapters`` select adapters (default: all; ``"*"`` disables all);
-    ``strict=True`` raises :class:`~metal_guard.errors.AdapterError` when a requested adapter's
-    targets moved (otherwise it is marked degraded with a warning); ``rebind_aliases=True`` also
-    rebinds aliases held by user modules. Any other keyword is a Settings field applied to the
-    guards (``mode``, ``cadence``, ``fit_check``, ``use_lock``, ``flush_every_n``, ...).
+    ``strict=True`` raises :class:`~metal_guard.errors.AdapterError` when a requested adapter
+    cannot guard fully — its targets moved, or the library's version is outside the range the
+    adapter was written for (otherwise it is marked degraded, still guards what it can, and
+    warns once); ``rebind_aliases=True`` also rebinds aliases held by user modules.
+    ``options`` are the guard options of :mod:`metal_guard.options` (``mode``, ``gate``,
+    ``cadence``, ``fit_check``, ``use_lock``, ``flush_every_n``, ...), the same keys as
+    ``guard_policy()`` and ``@guarded_generate()``; an unknown one is a ``TypeError``.
     The environment supplies what is not given (``METALGUARD_ADAPTERS``, ``..._STRICT``, ...);
     ``METALGUARD_DISABLED=1`` beats everything: nothing is installed.
     Calling it again while installed changes nothing (a warning if the options differ).
     """
-    return _install("code", adapters, disabled_adapters, strict, rebind_aliases, policy)
+    return _install("code", adapters, disabled_adapters, strict, rebind_aliases, options)
 
 
 def uninstall() -> bool:
@@ -213,35 +234,33 @@ def is_installed() -> bool:
     return _state is not None
 
 
-def adapter_report() -> dict[str, Any]:
-    """Installation state and, per adapter: ``state`` (pending / patched / degraded / failed /
-    disabled), the guarded ``sites``, ``missing`` targets, rebound ``aliases`` and ``reason``."""
+def adapter_report() -> InstallReport:
+    """Installation state and, per adapter, an :class:`AdapterStatus`: its ``state``
+    (:class:`AdapterState`), the guarded ``sites``, ``missing`` targets, rebound ``aliases``,
+    the version ranges it ``requires`` and the installed ``versions``, and the ``reason``."""
     with _lock:
         state = _state
-        out: dict[str, Any] = {
-            "installed": state is not None,
-            "generation": state.generation if state else None,
-            "source": state.source if state else None,
-            "options": dict(state.options) if state else {},
-            "watching": _import_hooks.watched(),
-            "note": _last_skip if state is None else "",
-            "adapters": {},
-        }
+        rows: dict[str, AdapterStatus] = {}
         for name, info in REGISTRY.items():
             ad = state.adapters.get(name) if state else None
             if ad is None:
-                out["adapters"][name] = {"state": DISABLED, "reason": "not installed" if state is None
-                                         else "registered after install()", "sites": [],
-                                         "missing": [], "aliases": [], "summary": info.summary,
-                                         "limitations": list(info.limitations)}
+                rows[name] = AdapterStatus(
+                    name, DISABLED, "not installed" if state is None else "registered after install()",
+                    info.summary, limitations=list(info.limitations))
                 continue
-            out["adapters"][name] = {
-                "state": ad.state, "reason": ad.reason, "sites": sorted(ad.sites),
-                "missing": list(ad.missing), "aliases": list(ad.aliases),
-                "imported": sorted(ad.modules), "summary": info.summary,
-                "limitations": list(info.limitations),
-            }
-        return out
+            rows[name] = AdapterStatus(
+                name, ad.state, ad.reason, info.summary, sorted(ad.sites), list(ad.missing),
+                list(ad.aliases), sorted(ad.modules), list(info.limitations), list(ad.requires),
+                dict(ad.versions or {}), list(ad.untested))
+        return InstallReport(
+            installed=state is not None,
+            generation=state.generation if state else None,
+            source=state.source if state else None,
+            options=dict(state.options) if state else {},
+            watching=list(_import_hooks.watched()),
+            note=_last_skip if state is None else "",
+            adapters=rows,
+        )
 
 
 # --------------------------------------------------------------------------- install
@@ -271,17 +290,24 @@ def _norm(names: Iterable[str] | None) -> frozenset[str] | None:
 
 
 def _install(source: str, adapters: Iterable[str] | None, disabled_adapters: Iterable[str] | None,
-             strict: bool | None, rebind_aliases: bool | None, policy_kw: dict[str, Any]) -> dict[str, Any]:
+             strict: bool | None, rebind_aliases: bool | None,
+             policy_kw: dict[str, Any]) -> InstallReport:
     global _state, _generation, _last_skip
     from metal_guard import policy
+    from metal_guard.options import settings_overrides, validate_options
     from metal_guard.settings import get_settings
 
-    options = dict(policy_kw)
+    guard_options = validate_options(policy_kw, where="install()", per_call=False, stacklevel=4)
+    for key, flag in (("strict", strict), ("rebind_aliases", rebind_aliases)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"install(): {key} must be True or False, not {flag!r}")
+    own: dict[str, Any] = {}
     for key, value in (("adapters", _norm(adapters)), ("disabled_adapters", _norm(disabled_adapters)),
                        ("strict", strict), ("rebind_aliases", rebind_aliases)):
         if value is not None:
-            options[key] = value
-    settings = get_settings(**options)  # TypeError for an unknown keyword
+            own[key] = value
+    options = {**guard_options, **own}
+    settings = get_settings(**settings_overrides(guard_options), **own)
     if settings.disabled:
         _last_skip = "kill switch METALGUARD_DISABLED=1: nothing installed"
         log.info("metal-guard: %s", _last_skip)
@@ -301,8 +327,7 @@ def _install(source: str, adapters: Iterable[str] | None, disabled_adapters: Ite
             states[n] = _AdapterState(REGISTRY[n], DISABLED, "disabled by configuration")
         _state = _State(gen, options, settings, source, states)
         policy.ACTIVATION.generation = gen
-        policy.configure({k: v for k, v in options.items()
-                          if k not in ("adapters", "disabled_adapters", "strict", "rebind_aliases")})
+        policy.configure(guard_options)
         _register_fork_handlers()
         hooks = [(trigger, functools.partial(_on_import, name, gen))
                  for name in enabled for trigger in REGISTRY[name].triggers]
@@ -326,7 +351,7 @@ def _current(gen: int) -> bool:
     return _state is not None and _state.generation == gen
 
 
-def autoload_install() -> dict[str, Any]:
+def autoload_install() -> InstallReport:
     """Entry point of the zero-code boot module (``METALGUARD_AUTOLOAD=1``)."""
     return _install("autoload", None, None, None, None, {})
 
@@ -346,11 +371,22 @@ def _on_import(name: str, gen: int, module: ModuleType) -> None:
         return
     from metal_guard.adapters.base import wrap_site
 
+    requires = [str(r) for r in (getattr(adapter, "INSTRUMENTS", ()) or ())]
+    with _lock:
+        first_check = _current(gen) and _state is not None and _state.adapters[name].versions is None
+    untested: list[str] = []
+    versions: dict[str, str | None] = {}
+    if first_check:  # once per adapter and install (metadata reads are file I/O: outside the lock)
+        versions, untested = check_requirements(requires)
     with _lock:
         if not _current(gen):
             return
         assert _state is not None
         ad = _state.adapters[name]
+        if first_check and ad.versions is None:
+            ad.requires, ad.versions, ad.untested = requires, versions, untested
+        else:
+            untested = []  # another hook of this adapter reported them already
         strict = bool(_state.settings.strict)
         rebind = bool(_state.settings.rebind_aliases)
         defined_as = _import_hooks.module_name(module)  # "mlx_lm.server" also when run as __main__
@@ -375,12 +411,17 @@ def _on_import(name: str, gen: int, module: ModuleType) -> None:
             if rebind:
                 ad.aliases.extend(_sweep(fresh, None))
         ad.missing.extend(m for m in missing if m not in ad.missing)
-        if ad.missing:
-            ad.state, ad.reason = DEGRADED, "targets not found: " + ", ".join(ad.missing)
+        if ad.missing or ad.untested:
+            ad.state, ad.reason = DEGRADED, ad.degraded_reason()
         elif ad.state != FAILED:
             ad.state, ad.reason = PATCHED, ""
+    problems = [*untested]
     if missing:
-        message = f"metal-guard adapter {name!r} degraded: {', '.join(missing)} not found (library changed?)"
+        problems.append(f"{', '.join(missing)} not found (library changed?)")
+    if problems:
+        message = f"metal-guard adapter {name!r} degraded: {'; '.join(problems)}"
+        if untested and not missing:
+            message += " - guarding it anyway, as far as its targets exist"
         if strict:
             uninstall()
             raise AdapterError(message)
@@ -390,16 +431,16 @@ def _on_import(name: str, gen: int, module: ModuleType) -> None:
     _announce(name, gen)
 
 
-def announce_line(name: str, report: dict[str, Any], pid: int | None = None) -> str:
+def announce_line(name: str, report: InstallReport, pid: int | None = None) -> str:
     """The one line ``METALGUARD_ANNOUNCE=1`` writes when adapter ``name`` is the first to patch."""
     from metal_guard._version import __version__
 
-    entry = report["adapters"][name]
-    armed = [n for n, a in report["adapters"].items()
-             if n != name and a["state"] not in (DISABLED, FAILED)]
-    state = "" if entry["state"] == PATCHED else f" ({entry['state']}: {entry['reason']})"
+    entry = report.adapters[name]
+    armed = [n for n, a in report.adapters.items()
+             if n != name and a.state not in (DISABLED, FAILED)]
+    state = "" if entry.state == PATCHED else f" ({entry.state}: {entry.reason})"
     line = (f"metal-guard {__version__} (pid {os.getpid() if pid is None else pid}): guarding "
-            f"{name}{state} - {entry['summary']}")
+            f"{name}{state} - {entry.summary}")
     if armed:
         line += "; also armed: " + ", ".join(armed)
     return line + " [silence: metal-guard run -q / METALGUARD_ANNOUNCE=0]"

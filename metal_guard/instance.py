@@ -12,10 +12,12 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from metal_guard import backend, cleanup, hardware, memory, modelsize, oom
+from metal_guard._results import ResultRecord
 from metal_guard.watchdog import (
     KVMonitorJob,
     MemoryWatchJob,
@@ -24,10 +26,20 @@ from metal_guard.watchdog import (
     Watchdog,
 )
 
-__all__ = ["MetalGuard", "metal_guard"]
+__all__ = ["GuardStatus", "MetalGuard", "metal_guard"]
 
 T = TypeVar("T")
 _DEFAULT: Any = object()
+
+
+@dataclass(frozen=True, eq=False)
+class GuardStatus(ResultRecord):
+    """:meth:`MetalGuard.status` (``as_dict()`` for JSON; ``status["mode"]`` still works)."""
+
+    mode: str
+    registered_threads_alive: int
+    #: the L5 scheduler: ``running`` and its ``jobs``
+    watchdog: dict[str, Any] = field(default_factory=dict)
 
 
 class MetalGuard:
@@ -72,7 +84,7 @@ class MetalGuard:
         return cleanup.flush_gpu()
 
     def safe_cleanup(self, *, sleep: Callable[[float], Any] | None = None, reason: str = "",
-                     cooldown_secs: float | None = None) -> dict[str, Any]:
+                     cooldown_secs: float | None = None) -> cleanup.CleanupResult:
         return cleanup.safe_cleanup(
             self.registry, cooldown_secs=self.cooldown_secs if cooldown_secs is None else cooldown_secs,
             thread_timeout_secs=self.thread_timeout_secs, sleep=sleep or time.sleep, reason=reason)
@@ -182,14 +194,14 @@ class MetalGuard:
         """Stop every L5 job and the scheduler thread; True when the thread is gone."""
         return True if self._watchdog is None else self._watchdog.stop_all(timeout)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> GuardStatus:
         from metal_guard.mode import describe_mode
 
-        return {
-            "mode": describe_mode()["mode"],
-            "registered_threads_alive": len(self.registry.alive(exclude_current=False)),
-            "watchdog": self._watchdog.status() if self._watchdog else {"running": False, "jobs": {}},
-        }
+        return GuardStatus(
+            mode=describe_mode()["mode"],
+            registered_threads_alive=len(self.registry.alive(exclude_current=False)),
+            watchdog=self._watchdog.status() if self._watchdog else {"running": False, "jobs": {}},
+        )
 
     # ------------------------------------------------------------------ breadcrumbs
     def _crumb_path(self) -> Path | None:

@@ -20,8 +20,12 @@ Three policies (see ``docs/integration.md`` for the exact steps):
 * ``step`` — one step of a batch (``BatchGenerator.next``): OOM protection and the heartbeat.
 
 Observer mode runs every check, records what it would have refused (an ``OBSERVE``
-breadcrumb and a warning) and lets the call through. A policy step whose module is missing or
-fails unexpectedly is skipped with a log line: a bug in a guard never blocks the user's call.
+breadcrumb and a warning) and lets the call through. A safety layer that cannot be imported is
+a ``GuardLayerError`` (defensive) or a warning on every call (observer); a check that fails
+unexpectedly while running is skipped with a warning (see :mod:`metal_guard._policy_steps`).
+
+Options (``install()``'s, then ``guard_policy()`` / ``@guarded_generate(...)`` scopes) come from
+one vocabulary, :mod:`metal_guard.options`.
 
 Settings: a load resolves :func:`~metal_guard.settings.get_settings` afresh (kwargs of
 ``install()`` > scope > env > defaults). The per-token hot path uses a snapshot refreshed by
@@ -42,6 +46,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from metal_guard.options import option_names, settings_overrides, validate_options
 from metal_guard.settings import Settings, get_settings
 
 log = logging.getLogger("metal_guard.policy")
@@ -59,19 +64,9 @@ _EMPTY: Mapping[str, Any] = {}
 OVERRIDES: ContextVar[Mapping[str, Any]] = ContextVar("metal_guard_policy", default=_EMPTY)
 _OVERRIDES = OVERRIDES
 
-#: Policy keys that are also Settings fields (they override the environment for the call).
-SETTINGS_KEYS = frozenset({
-    "mode", "cadence", "fit_check", "use_lock", "flush_every_n", "allow_panic_models",
-    "cadence_min_interval_sec", "cross_model_interval_sec", "panic_gate_disabled",
-    "gemma4_firstgen_disabled", "gemma4_firstgen_sleep_sec", "fit_level",
-})
-#: Policy-only keys: ``model_id`` names the model when the call cannot tell; ``gate`` /
-#: ``breaker`` / ``registry`` / ``prefill_guard`` switch single load/generate checks off;
-#: ``oom_retries`` retries a plain call after an OOM; ``label`` tags breadcrumbs.
-EXTRA_KEYS = frozenset({
-    "model_id", "label", "gate", "breaker", "registry", "prefill_guard", "oom_retries",
-})
-POLICY_KEYS = SETTINGS_KEYS | EXTRA_KEYS
+#: The guard option keys (:mod:`metal_guard.options`): the same for ``install()``,
+#: ``@guarded_generate(...)`` and ``guard_policy(...)``.
+POLICY_KEYS = option_names()
 
 
 @dataclass
@@ -103,21 +98,17 @@ ACTIVATION = _Activation()
 # --------------------------------------------------------------------------- context
 
 
-def validate_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(policy) - POLICY_KEYS
-    if unknown:
-        raise TypeError(f"unknown guard policy key(s): {', '.join(sorted(unknown))} "
-                        f"(known: {', '.join(sorted(POLICY_KEYS))})")
-    if "mode" in policy and policy["mode"] not in ("defensive", "observer"):
-        raise ValueError(f"mode must be 'defensive' or 'observer', got {policy['mode']!r}")
-    return dict(policy)
+def validate_policy(policy: Mapping[str, Any], *, where: str = "guard policy",
+                    stacklevel: int = 4) -> dict[str, Any]:
+    """``policy`` checked against the option vocabulary (:func:`metal_guard.options.validate_options`)."""
+    return validate_options(policy, where=where, stacklevel=stacklevel)
 
 
 @contextlib.contextmanager
 def scope(**policy: Any) -> Iterator[Mapping[str, Any]]:
     """Apply ``policy`` to the guarded calls made inside the block (nested scopes merge, inner
     keys win). Context-local: other threads and tasks are not affected."""
-    merged = {**_OVERRIDES.get(), **validate_policy(policy)}
+    merged = {**_OVERRIDES.get(), **validate_policy(policy, where="guard_policy()", stacklevel=5)}
     token = _OVERRIDES.set(merged)
     try:
         yield merged
@@ -125,9 +116,20 @@ def scope(**policy: Any) -> Iterator[Mapping[str, Any]]:
         _OVERRIDES.reset(token)
 
 
+def _effective() -> Mapping[str, Any]:
+    """The options in force here: ``install()``'s, then the enclosing scopes' (inner wins)."""
+    scoped = _OVERRIDES.get()
+    if not _install_options:
+        return scoped
+    if not scoped:
+        return _install_options
+    return {**_install_options, **scoped}
+
+
 def current_policy() -> Mapping[str, Any]:
-    """The policy overrides in effect here (empty outside any scope)."""
-    return _OVERRIDES.get()
+    """The guard options in effect here: ``install()``'s options overlaid by the enclosing
+    ``guard_policy()`` / ``@guarded_generate(...)`` scopes (empty when there are none)."""
+    return _effective()
 
 
 def in_guarded_call() -> bool:
@@ -137,15 +139,17 @@ def in_guarded_call() -> bool:
 
 # --------------------------------------------------------------------------- settings
 
-_install_overrides: dict[str, Any] = {}
+_install_options: dict[str, Any] = {}  # install()'s guard options (validated)
+_install_overrides: dict[str, Any] = {}  # ... as Settings fields
 _hot: Settings | None = None
 _hot_disabled = False
 
 
-def configure(overrides: Mapping[str, Any] | None) -> Settings:
-    """Called by ``install()`` (its Settings keyword overrides) and ``uninstall()`` (``None``)."""
-    global _install_overrides
-    _install_overrides = dict(overrides or {})
+def configure(options: Mapping[str, Any] | None) -> Settings:
+    """Called by ``install()`` (its validated guard options) and ``uninstall()`` (``None``)."""
+    global _install_overrides, _install_options
+    _install_options = dict(options or {})
+    _install_overrides = settings_overrides(_install_options)
     return refresh_settings()
 
 
@@ -171,7 +175,7 @@ def guards_inactive() -> bool:
 def settings_for_call() -> Settings:
     """Fresh settings for a load: install kwargs, then scope keys, over env and defaults."""
     overrides = dict(_install_overrides)
-    overrides.update((k, v) for k, v in _OVERRIDES.get().items() if k in SETTINGS_KEYS)
+    overrides.update(settings_overrides(_OVERRIDES.get()))
     return get_settings(**overrides)
 
 
@@ -292,7 +296,7 @@ class GeneratePolicy(GuardPolicy):
         steps = _steps()
         _check_fork()
         mark_metal_touched()
-        pol = _OVERRIDES.get()
+        pol = _effective()
         hot = hot_settings()
         if info.model_id is None:
             info.model_id = model_id_of(info.model) or pol.get("model_id")
@@ -307,7 +311,7 @@ class GeneratePolicy(GuardPolicy):
             steps.prefill_guard(info, hot.replace(mode=pol["mode"]) if "mode" in pol else hot)
 
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], info: CallInfo) -> Any:
-        retries = int(_OVERRIDES.get().get("oom_retries", 0) or 0)
+        retries = int(_effective().get("oom_retries", 0) or 0)
         if retries <= 0:
             return super().run(fn, args, kwargs, info)
         from metal_guard import _policy_steps as steps
@@ -333,7 +337,7 @@ class LoadPolicy(GuardPolicy):
 
         _check_fork()
         settings = settings_for_call()
-        pol = _OVERRIDES.get()
+        pol = _effective()
         model_id = str(info.model_id or pol.get("model_id") or "unknown-model")
         info.model_id = model_id
         steps.before_load(model_id, info, pol, settings)

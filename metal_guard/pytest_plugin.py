@@ -18,9 +18,12 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from metal_guard.install_report import InstallReport
 
 _CHOICES = ("fail", "warn", "off")
 
@@ -44,7 +47,7 @@ def _installed() -> bool:
 
 
 @pytest.fixture
-def metal_guard_installed(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+def metal_guard_installed(request: pytest.FixtureRequest) -> Iterator[InstallReport]:
     """metal-guard installed for this test (``@pytest.mark.metal_guard(**options)``)."""
     from metal_guard import installer as mg
 
@@ -78,7 +81,7 @@ def _leak_check(item: pytest.Item) -> None:
         return
     from metal_guard import installer as mg
 
-    sites = [site for ad in mg.adapter_report()["adapters"].values() for site in ad["sites"]]
+    sites = [site for ad in mg.adapter_report().adapters.values() for site in ad.sites]
     mg.uninstall()
     message = (f"{item.nodeid} left metal-guard installed ({len(sites)} wrapped site(s)); "
                "call metal_guard.uninstall() or use the metal_guard_installed fixture")

@@ -381,3 +381,33 @@ def test_register_adds_lock_and_breaker_subcommands():
     assert args.action == "clear" and args.json is True and callable(args.func)
     assert parser.parse_args(["lock"]).func.__name__ == "_run_lock"
     assert isinstance(args, argparse.Namespace)
+
+
+def test_status_is_a_dataclass_with_the_0_11_dict_view(tmp_path, capsys):
+    """status() is a BreakerStatus; as_dict() and the --json output carry exactly the keys the
+    dict had; reading it as a dict keeps working (the 0.11 README's dashboard use)."""
+    import argparse
+    import dataclasses
+    import json
+
+    from metal_guard.breaker import BreakerStatus
+    from metal_guard.cli.state import _run_breaker
+
+    keys = {"in_cooldown", "state", "cooldown_until", "cooldown_remaining_sec", "tripped_at",
+            "trip_failure_count", "panic_threshold", "window_sec", "cooldown_sec",
+            "recent_panic_count", "recent_crash_count", "recent_failure_count",
+            "recent_ignored_panic_count", "cleared_at", "state_path", "jsonl_path"}
+    breaker = CircuitBreaker(auto_ingest=False)
+    status = breaker.status(now=1000.0)
+    assert isinstance(status, BreakerStatus) and status.in_cooldown is False
+    assert set(status.as_dict()) == keys and set(status) == keys
+    assert status["state"] == "closed" and status.get("report_scan_errors") is None
+    assert dict(status) == status.as_dict() and status == status.as_dict()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        status.in_cooldown = True  # type: ignore[misc]
+    checked = breaker.check(now=1000.0)
+    assert checked.report_scan_errors == [] and set(checked.as_dict()) == keys | {"report_scan_errors"}
+    assert _run_breaker(argparse.Namespace(action="status", json=True)) == 0
+    assert set(json.loads(capsys.readouterr().out)) == keys
+    assert _run_breaker(argparse.Namespace(action="check", json=True)) == 0
+    assert set(json.loads(capsys.readouterr().out)) == keys | {"report_scan_errors"}

@@ -29,6 +29,7 @@ from pathlib import Path
 from metal_guard.cadence import require_cadence_clear
 from metal_guard.errors import CadenceViolation
 start = Path(sys.argv[1])
+print("READY", flush=True)
 while not start.exists():
     time.sleep(0.002)
 try:
@@ -237,7 +238,8 @@ def test_four_processes_racing_exactly_one_wins(tmp_path):
         subprocess.Popen([sys.executable, "-c", RACER, str(start)], stdout=subprocess.PIPE, text=True)
         for _ in range(4)
     ]
-    time.sleep(0.5)
+    for r in racers:  # every racer is up and polling before the start signal
+        assert r.stdout is not None and r.stdout.readline().strip() == "READY"
     start.touch()
     results = [r.communicate(timeout=60)[0].strip() for r in racers]
     assert all(r.returncode == 0 for r in racers)

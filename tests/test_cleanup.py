@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from metal_guard import cleanup
 from metal_guard.breadcrumbs import tail
+from metal_guard.cleanup import CleanupResult
 from metal_guard.instance import MetalGuard
 
 mx = pytest.importorskip("mlx.core")
@@ -67,19 +67,27 @@ def test_safe_cleanup_from_a_registered_thread_does_not_raise(cached_buffers: No
     t.join(30)
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
-    assert isinstance(result, dict)
-    assert result["skipped_self"] is True and result["waited_alive"] == 0 and result["flushed"] is True
+    assert isinstance(result, CleanupResult)
+    assert result.skipped_self is True and result.waited_alive == 0 and result.flushed is True
+    assert result["flushed"] is True and result.as_dict()["skipped_self"] is True  # 0.x dict view
     assert mx.get_cache_memory() == 0
 
 
 def test_wait_for_threads_uses_one_total_deadline() -> None:
+    """The timeout is shared by all threads: each join gets what is left of it (a clock that
+    advances 0.15 s per reading), not the full timeout again."""
     guard = MetalGuard(cooldown_secs=0.0, thread_timeout_secs=0.3)
     pairs = [blocked_thread() for _ in range(3)]
+    joins: list[float | None] = []
     for t, _ in pairs:
         guard.register_thread(t)
-    start = time.monotonic()
-    assert guard.wait_for_threads() == 3
-    assert time.monotonic() - start < 0.9  # 3 threads x 0.3 s per thread would be 0.9 s
+        t.join = joins.append  # type: ignore[method-assign]  # record the timeout, do not block
+    readings = iter([0.0, 0.15, 0.30, 0.45, 0.60])
+    assert guard.registry.wait(0.3, clock=lambda: next(readings)) == 3
+    assert joins == pytest.approx([0.15, 0.0, 0.0])  # 0.3 in total, not 3 x 0.3
+    for t, _ in pairs:
+        del t.join
+    assert guard.wait_for_threads() == 3  # the real wait, with its real timeout
     for _, release in pairs:
         release.set()
     assert guard.wait_for_threads(timeout=10) == 0

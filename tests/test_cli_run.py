@@ -77,13 +77,28 @@ def test_a_venv_bin_dir_goes_first_on_the_childs_path() -> None:
 
 def test_announce_line_names_version_pid_and_adapters() -> None:
     from metal_guard._version import __version__
-    from metal_guard.installer import announce_line
+    from metal_guard.installer import (
+        DEGRADED,
+        DISABLED,
+        PATCHED,
+        PENDING,
+        AdapterStatus,
+        InstallReport,
+        announce_line,
+    )
 
-    report = {"adapters": {
-        "mlx_lm": {"state": "patched", "reason": "", "summary": "load / generate"},
-        "mlx_vlm": {"state": "pending", "reason": "", "summary": "vlm"},
-        "langchain": {"state": "disabled", "reason": "", "summary": "lc"},
-    }}
-    line = announce_line("mlx_lm", report, pid=4242)
+    def report(first: AdapterStatus) -> InstallReport:
+        return InstallReport(True, 1, "code", {}, [], "", {
+            "mlx_lm": first,
+            "mlx_vlm": AdapterStatus("mlx_vlm", PENDING, summary="vlm"),
+            "langchain": AdapterStatus("langchain", DISABLED, summary="lc"),
+        })
+
+    line = announce_line("mlx_lm", report(AdapterStatus("mlx_lm", PATCHED, summary="load / generate")),
+                         pid=4242)
     assert line.startswith(f"metal-guard {__version__} (pid 4242): guarding mlx_lm - load / generate")
     assert "also armed: mlx_vlm" in line and "langchain" not in line and "\n" not in line
+    untested = AdapterStatus("mlx_lm", DEGRADED, "untested mlx-lm 0.40.0 (written for mlx-lm<0.33,>=0.32)",
+                             "load / generate")
+    line = announce_line("mlx_lm", report(untested), pid=1)
+    assert "guarding mlx_lm (degraded: untested mlx-lm 0.40.0 (written for" in line

@@ -273,11 +273,17 @@ def test_methods_and_stacked_guards() -> None:
             self.calls += 1
             return text[::-1]
 
+        @guarded_generate
+        def seen(self) -> dict[str, Any]:
+            return dict(policy.current_policy())
+
     chat = Chat()
     before = count()
-    with guard_policy(label="outer"):
+    with guard_policy(model_id="outer", flush_every_n=0):
         assert chat.reply("abc") == "cba"
-    assert chat.calls == 1 and count() == before + 1
+        inner = chat.seen()
+    assert chat.calls == 1 and count() == before + 2
+    assert inner == {"model_id": "outer", "flush_every_n": 0}
 
 
 def test_kill_switch_turns_decorators_into_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -306,8 +306,8 @@ def test_sixteen_threads_racing_install_and_import(fakelm: Path) -> None:
 
 def test_kill_switch_beats_install(fakelm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METALGUARD_DISABLED", "1")
-    report = install_fake(disabled=False)
-    assert report["installed"] is False and "kill switch" in report["note"]
+    report = install_fake()
+    assert report.installed is False and "kill switch" in report.note
     assert not mg.is_installed() and _import_hooks.watched() == []
     import fakelm.server  # noqa: F401
 

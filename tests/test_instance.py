@@ -81,7 +81,10 @@ def test_thread_registry_and_status() -> None:
     t = threading.Thread(target=release.wait, args=(10,), daemon=True)
     t.start()
     assert g.register_thread(t) is t
-    assert g.status()["registered_threads_alive"] == 1
+    status = g.status()
+    assert status.registered_threads_alive == 1 and status["registered_threads_alive"] == 1
+    assert status.as_dict() == {"mode": status.mode, "registered_threads_alive": 1,
+                                "watchdog": {"running": False, "jobs": {}}}
     assert g.wait_for_threads(timeout=0.01) == 1
     release.set()
     assert g.wait_for_threads() == 0

@@ -150,13 +150,28 @@ def test_require_fit_observer_lets_through(monkeypatch: pytest.MonkeyPatch) -> N
     assert any(c.tag == "OBSERVE" and "require_fit" in c.payload for c in tail(10))
 
 
-def test_unknown_fit_refused_in_defensive_allowed_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_fit_one_rule_loud_by_default_refused_at_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown size loads with a warning at the default level and is refused at strict;
+    on_unknown= decides for one call; observer mode records at every level."""
+    from metal_guard.breadcrumbs import tail
+
+    cleanup = Counter()
+    with pytest.warns(RuntimeWarning, match="cannot tell whether model-without-hints fits"):
+        allowed = memory.require_fit(None, "model-without-hints", cleanup=cleanup)
+    assert allowed.verdict == "unknown" and cleanup.calls == 0
+    assert any(b.tag == "FIT_UNKNOWN" for b in tail(5))
+    with pytest.raises(ModelDoesNotFitError, match=r"cannot verify.*strict"):
+        memory.require_fit(None, "model-without-hints", level="strict")
     with pytest.raises(ModelDoesNotFitError, match="cannot verify"):
-        memory.require_fit(None, "model-without-hints", cleanup=Counter())
-    allowed = memory.require_fit(None, "model-without-hints", on_unknown="allow")
-    assert allowed.verdict == "unknown"
+        memory.require_fit(None, "model-without-hints", on_unknown="refuse")
+    with pytest.warns(RuntimeWarning):
+        assert memory.require_fit(None, "model-without-hints", level="strict",
+                                  on_unknown="allow").verdict == "unknown"
     with pytest.raises(ValueError):
         memory.require_fit(None, "model-without-hints", on_unknown="maybe")
+    monkeypatch.setenv("METALGUARD_FIT_LEVEL", "strict")
+    with pytest.raises(ModelDoesNotFitError):
+        memory.require_fit(None, "model-without-hints")
     monkeypatch.setenv("METALGUARD_MODE", "observer")
     assert memory.require_fit(None, "model-without-hints").verdict == "unknown"
 

@@ -197,16 +197,14 @@ def test_daemon_loop_stops_on_event(rdir: Path, tmp_path: Path) -> None:
 
 def test_daemon_exits_cleanly_on_sigterm(rdir: Path, tmp_path: Path) -> None:
     out = tmp_path / "status.json"
-    proc = subprocess.Popen([sys.executable, "-m", "metal_guard", "status-write", "--interval", "30",
+    proc = subprocess.Popen([sys.executable, "-m", "metal_guard", "status-write", "--interval", "3600",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not prom_path_for(out).exists() and time.time() < deadline:
         time.sleep(0.05)
     assert prom_path_for(out).exists(), proc.stderr.read() if proc.poll() is not None else ""
-    start = time.time()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 0
-    assert time.time() - start < 5  # it does not sit out its 30 s interval
+    assert proc.wait(timeout=60) == 0  # it does not sit out its one-hour interval
     validate(json.loads(out.read_text()))
 
 

@@ -48,9 +48,11 @@ from metal_guard.adapters.base import Target
 from metal_guard.policy import CallInfo, model_id_of
 
 NAME = "langchain"
+#: The LangChain releases this adapter was written and tested for (see ``install_report``).
+INSTRUMENTS = ("langchain-community>=0.4,<0.5", "langchain-core>=1.0,<2")
 log = logging.getLogger("metal_guard.adapters.langchain")
 
-__all__ = ["NAME", "TARGETS", "MetalGuardCallbackHandler", "callback_handler", "register_callback_handler"]
+__all__ = ["INSTRUMENTS", "NAME", "TARGETS", "MetalGuardCallbackHandler", "callback_handler", "register_callback_handler"]
 
 PIPELINE = "langchain_community.llms.mlx_pipeline"
 CHAT = "langchain_community.chat_models.mlx"

@@ -24,9 +24,12 @@ Nothing here imports ``mlx_lm``: this module is imported by the post-import hook
 ``mlx_lm.generate(m, tokenizer, prompt, max_tokens=...)`` or ``mlx_lm.stream_generate(...)``
 whose model argument is the block's runner (or ``None``) runs in the isolated worker instead
 of this process. ``generate`` returns the text; ``stream_generate`` yields
-:class:`IsolatedResponse` objects (``.text``, ``.finish_reason``). Only ``prompt`` and
-``max_tokens`` are forwarded, with greedy sampling as in mlx_lm's default (``sampler`` objects
-cannot cross the process boundary).
+:class:`IsolatedResponse` objects (``.text``; the last one's ``.finish_reason`` is the
+worker's: ``"length"`` or ``"stop"``). The prompt is used as given (no chat template, as in
+mlx_lm). Sampling crosses as values — ``temp``, ``top_p``, ``min_p``, ``top_k``, ``seed``,
+penalties ... (:data:`ROUTED_SAMPLING`) — with mlx_lm's defaults when unset (greedy,
+``max_tokens=256``); a ``sampler`` function, ``logits_processors``, a draft model or a prompt
+cache cannot cross and raise ``TypeError`` (mlx_lm's own ``greedy_sampler`` is accepted).
 Calls with an in-process model are never rerouted.
 """
 
@@ -43,6 +46,8 @@ from metal_guard.adapters.base import Target, guard_wrapper
 from metal_guard.policy import CallInfo, model_id_of
 
 NAME = "mlx_lm"
+#: The mlx-lm releases this adapter was written and tested for (see ``install_report``).
+INSTRUMENTS = ("mlx-lm>=0.32,<0.33",)
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
@@ -144,12 +149,85 @@ def _isolated_runner(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return runner if model is None or model is runner else None
 
 
-def _routed(args: tuple[Any, ...], kwargs: dict[str, Any], *, streaming: bool) -> tuple[Any, dict[str, Any]]:
-    """``(prompt, {"max_tokens": n})``; stream_generate takes ``max_tokens`` 4th, generate does not."""
-    prompt = _arg(args, kwargs, 2, "prompt")
-    max_tokens = _arg(args, kwargs, 3, "max_tokens") if streaming else kwargs.get("max_tokens")
-    # mlx_lm samples greedily unless given a sampler, which cannot cross the process boundary
-    return prompt, {"max_tokens": int(max_tokens if max_tokens is not None else 256), "temperature": 0.0}
+#: Sampling keywords a routed call may carry (metal-guard's extension: in-process mlx_lm takes
+#: them through ``make_sampler`` / ``make_logits_processors`` instead); mlx_lm's defaults apply
+#: to what is not given (``temp=0.0``: greedy).
+ROUTED_SAMPLING = (
+    "temp", "top_p", "min_p", "min_tokens_to_keep", "top_k", "xtc_probability", "xtc_threshold",
+    "seed", "repetition_penalty", "repetition_context_size", "presence_penalty",
+    "presence_context_size", "frequency_penalty", "frequency_context_size", "logit_bias",
+)
+#: mlx_lm ``generate_step`` keywords with plain values: handed to the worker's ``stream_generate``.
+ROUTED_PASSTHROUGH = ("max_kv_size", "prefill_step_size", "kv_bits", "kv_group_size",
+                      "quantized_kv_start")
+#: Keywords whose values are live Python objects: they cannot cross into the worker.
+CANNOT_CROSS = ("sampler", "logits_processors", "draft_model", "prompt_cache",
+                "prompt_progress_callback", "input_embeddings", "stream")
+#: mlx_lm's own default for ``max_tokens``.
+MLX_LM_MAX_TOKENS = 256
+
+
+def _cannot_cross(key: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if key == "logits_processors":
+        return bool(value)
+    if key == "sampler":  # mlx_lm's greedy sampler is what temp=0.0 gives in the worker
+        sample_utils = sys.modules.get("mlx_lm.sample_utils")
+        return value is not getattr(sample_utils, "greedy_sampler", object())
+    return True
+
+
+def _routed(args: tuple[Any, ...], kwargs: dict[str, Any], *, streaming: bool) -> tuple[str, dict[str, Any], bool]:
+    """``(prompt, runner keywords, verbose)`` for a call routed to an ``isolated_model`` worker.
+
+    ``generate(model, tokenizer, prompt, verbose=False, **kwargs)`` and
+    ``stream_generate(model, tokenizer, prompt, max_tokens=256, draft_model=None, **kwargs)``:
+    the sampling settings cross as values; what holds a live object (a sampler function, logits
+    processors, a draft model, a prompt cache, a callback) cannot, and is refused with a
+    ``TypeError`` rather than silently dropped. An unknown keyword is a ``TypeError`` too, as
+    mlx_lm itself would raise.
+    """
+    positional = ("model", "tokenizer", "prompt") + (("max_tokens", "draft_model") if streaming
+                                                     else ("verbose",))
+    if len(args) > len(positional):
+        raise TypeError(f"too many positional arguments for a call routed to isolated_model "
+                        f"({len(args)} > {len(positional)})")
+    given = dict(zip(positional, args, strict=False))
+    for key, value in kwargs.items():
+        if key in given:
+            raise TypeError(f"got multiple values for argument {key!r}")
+        given[key] = value
+    prompt = given.pop("prompt", None)
+    given.pop("model", None)
+    given.pop("tokenizer", None)
+    verbose = bool(given.pop("verbose", False))
+    if not isinstance(prompt, str):
+        raise TypeError("a call routed to isolated_model needs the prompt as text (the worker "
+                        f"tokenizes it); got {type(prompt).__name__}")
+    blocked = sorted(k for k in given if k in CANNOT_CROSS and _cannot_cross(k, given[k]))
+    if blocked:
+        raise TypeError(
+            f"{', '.join(blocked)} cannot cross into the isolated_model worker (a live Python "
+            "object); pass sampling as values instead, e.g. temp=0.7, top_p=0.9, seed=0, "
+            "repetition_penalty=1.1, or call the in-process model")
+    unknown = sorted(k for k in given if k not in (*ROUTED_SAMPLING, *ROUTED_PASSTHROUGH,
+                                                   *CANNOT_CROSS, "max_tokens"))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) for a call routed to isolated_model: "
+                        f"{', '.join(unknown)} (sampling: {', '.join(ROUTED_SAMPLING)})")
+    max_tokens = given.get("max_tokens")
+    options: dict[str, Any] = {
+        "max_tokens": MLX_LM_MAX_TOKENS if max_tokens is None else max_tokens,
+        "temperature": given.get("temp") if given.get("temp") is not None else 0.0,
+        "apply_chat_template": False,  # mlx_lm.generate uses the prompt as given
+    }
+    options.update((k, given[k]) for k in ROUTED_SAMPLING
+                   if k != "temp" and given.get(k) is not None)
+    extra = {k: given[k] for k in ROUTED_PASSTHROUGH if given.get(k) is not None}
+    if extra:
+        options["extra"] = extra
+    return prompt, options, verbose
 
 
 _generate_guard = guard_wrapper("generate", "call", site="mlx_lm.generate:generate",
@@ -162,26 +240,31 @@ def wrap_generate(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: di
     runner = _isolated_runner(args, kwargs)
     if runner is None:
         return _generate_guard(wrapped, instance, args, kwargs)
-    prompt, options = _routed(args, kwargs, streaming=False)
-    return runner.generate(prompt, **options)
+    prompt, options, verbose = _routed(args, kwargs, streaming=False)
+    text = runner.generate(prompt, **options)
+    if verbose:  # mlx_lm prints the text as it goes; the worker's statistics stay there
+        print(text, flush=True)
+    return text
 
 
 def wrap_stream_generate(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     runner = _isolated_runner(args, kwargs)
     if runner is None:
         return _stream_guard(wrapped, instance, args, kwargs)
-    prompt, options = _routed(args, kwargs, streaming=True)
-    return _chunks(runner.stream_generate(prompt, **options))
+    prompt, options, _verbose = _routed(args, kwargs, streaming=True)
+    return _chunks(runner, runner.stream_generate(prompt, **options))
 
 
-def _chunks(texts: Iterator[str]) -> Iterator[IsolatedResponse]:
+def _chunks(runner: Any, texts: Iterator[str]) -> Iterator[IsolatedResponse]:
+    """Re-yield the worker's text chunks; the last one carries the worker's real finish reason
+    (``"length"`` when ``max_tokens`` ran out, ``"stop"`` at an end-of-sequence token)."""
     pending: str | None = None
     for text in texts:
         if pending is not None:
             yield IsolatedResponse(pending)
         pending = text
-    if pending is not None:
-        yield IsolatedResponse(pending, "stop")
+    result = getattr(runner, "last_result", None) or {}
+    yield IsolatedResponse(pending or "", result.get("finish_reason"))
 
 
 TARGETS: tuple[Target, ...] = (

@@ -28,6 +28,8 @@ from metal_guard.adapters.mlx_lm import _arg, _tokens, describe_load
 from metal_guard.policy import CallInfo, model_id_of
 
 NAME = "mlx_vlm"
+#: The mlx-vlm releases this adapter was written and tested for (see ``install_report``).
+INSTRUMENTS = ("mlx-vlm>=0.7,<0.8",)
 
 
 def describe_vlm_load(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallInfo:

@@ -50,6 +50,8 @@ from typing import Any
 from metal_guard.adapters.base import Target
 
 NAME = "mlx_vlm_server"
+#: The mlx-vlm releases this adapter was written and tested for (see ``install_report``).
+INSTRUMENTS = ("mlx-vlm>=0.7,<0.8",)
 log = logging.getLogger("metal_guard.adapters.mlx_vlm_server")
 
 APP_MODULE = "mlx_vlm.server.app"

@@ -121,10 +121,16 @@ def add_command(subparsers: Any, name: str, *, help: str, **kwargs: Any) -> argp
     return subparsers.add_parser(name, help=help, description=help, parents=parents, **kwargs)  # type: ignore[no-any-return]
 
 
+def _json_default(value: Any) -> Any:
+    """Result dataclasses become their ``as_dict()``; anything else its ``str()``."""
+    as_dict = getattr(value, "as_dict", None)
+    return as_dict() if callable(as_dict) else str(value)
+
+
 def emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     """Print ``payload`` as JSON with ``--json``, else ``text``."""
     if getattr(args, "json", False):
-        print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        print(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
     else:
         print(text)
 

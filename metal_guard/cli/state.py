@@ -13,7 +13,7 @@ import argparse
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metal_guard.cli import (
     EXIT_COOLDOWN,
@@ -24,6 +24,9 @@ from metal_guard.cli import (
     add_command,
     emit,
 )
+
+if TYPE_CHECKING:
+    from metal_guard.breaker import BreakerStatus
 
 
 def _lock_summary(holder: dict[str, Any] | None) -> str:
@@ -57,9 +60,9 @@ def doctor_section() -> dict[str, Any]:
     }
     try:
         breaker = CircuitBreaker(auto_ingest=False).status()
-        out.update(breaker=_breaker_summary(breaker), breaker_in_cooldown=breaker["in_cooldown"],
-                   breaker_cooldown_until=breaker["cooldown_until"],
-                   breaker_recent_failures=breaker["recent_failure_count"])
+        out.update(breaker=_breaker_summary(breaker), breaker_in_cooldown=breaker.in_cooldown,
+                   breaker_cooldown_until=breaker.cooldown_until,
+                   breaker_recent_failures=breaker.recent_failure_count)
     except StateFileError as exc:
         out.update(breaker=f"unreadable: {exc}", breaker_in_cooldown=None,
                    breaker_cooldown_until=None, breaker_recent_failures=None)
@@ -78,15 +81,15 @@ def doctor_section() -> dict[str, Any]:
     return out
 
 
-def _breaker_summary(status: dict[str, Any]) -> str:
-    if status["in_cooldown"]:
+def _breaker_summary(status: BreakerStatus) -> str:
+    if status.in_cooldown:
         return (
-            f"OPEN after {status['trip_failure_count']} GPU failure(s): "
-            f"{status['cooldown_remaining_sec']:.0f}s remaining"
+            f"OPEN after {status.trip_failure_count} GPU failure(s): "
+            f"{status.cooldown_remaining_sec:.0f}s remaining"
         )
     return (
-        f"closed ({status['recent_failure_count']}/{status['panic_threshold']} failures "
-        f"in the last {status['window_sec']:.0f}s)"
+        f"closed ({status.recent_failure_count}/{status.panic_threshold} failures "
+        f"in the last {status.window_sec:.0f}s)"
     )
 
 
@@ -130,13 +133,13 @@ def _run_lock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _render_breaker(status: dict[str, Any]) -> str:
+def _render_breaker(status: BreakerStatus) -> str:
     return (
-        f"breaker {_breaker_summary(status)}\n  recent: {status['recent_panic_count']} GPU panic(s), "
-        f"{status['recent_crash_count']} worker crash(es), "
-        f"{status['recent_ignored_panic_count']} unrelated panic(s) ignored; "
-        f"threshold {status['panic_threshold']} in {status['window_sec']:.0f}s, "
-        f"cooldown {status['cooldown_sec']:.0f}s"
+        f"breaker {_breaker_summary(status)}\n  recent: {status.recent_panic_count} GPU panic(s), "
+        f"{status.recent_crash_count} worker crash(es), "
+        f"{status.recent_ignored_panic_count} unrelated panic(s) ignored; "
+        f"threshold {status.panic_threshold} in {status.window_sec:.0f}s, "
+        f"cooldown {status.cooldown_sec:.0f}s"
     )
 
 
@@ -149,24 +152,24 @@ def _run_breaker(args: argparse.Namespace) -> int:
     if action == "clear":
         breaker.clear()
         status = breaker.status()
-        emit(args, status, "breaker cleared\n" + _render_breaker(status))
+        emit(args, status.as_dict(), "breaker cleared\n" + _render_breaker(status))
         return EXIT_OK
     if action == "check":
         try:
             status = breaker.check()
         except MLXCooldownActive:
             status = breaker.status()
-            emit(args, status, _render_breaker(status))
+            emit(args, status.as_dict(), _render_breaker(status))
             return EXIT_COOLDOWN
-        blind = status.get("report_scan_errors") or []
-        emit(args, status, _render_breaker(status)
+        blind = status.report_scan_errors or []
+        emit(args, status.as_dict(), _render_breaker(status)
              + "".join(f"\ncannot see every panic report: {e!a}" for e in blind))
         if blind:  # "closed" from a scan that could not see its window is no answer
             return EXIT_GATE_BROKEN
-        return EXIT_WARN if status["recent_failure_count"] else EXIT_OK
+        return EXIT_WARN if status.recent_failure_count else EXIT_OK
     status = breaker.status()
-    emit(args, status, _render_breaker(status))
-    return EXIT_COOLDOWN if status["in_cooldown"] else EXIT_OK
+    emit(args, status.as_dict(), _render_breaker(status))
+    return EXIT_COOLDOWN if status.in_cooldown else EXIT_OK
 
 
 def register(subparsers: Any) -> None:

@@ -1,7 +1,9 @@
 """Status subcommands: ``status`` (the default), ``status-write``, ``breadcrumb``, ``mode``.
 
-``status`` exits 0 ok, 1 warn (GPU panics/aborts, open breaker, a collector failed),
-2 cooldown/lockout active, 3 gate broken. ``status-write`` writes ``status.json`` plus the
+``status`` exits with its worst health, in every format (text, ``--json``, Prometheus):
+3 gate broken (the gate could not evaluate — its verdict says so, or its collector failed),
+2 cooldown/lockout active, 1 warn (GPU panics/aborts, open breaker, another collector failed),
+0 ok. The exit code and the label shown always agree. ``status-write`` writes ``status.json`` plus the
 node-exporter ``status.prom`` next to it, once or as a SIGTERM-clean daemon. Nothing here
 imports ``mlx``.
 """
@@ -25,6 +27,8 @@ def _render_text(snap: dict[str, Any], code: int, label: str) -> str:
     if gate:
         lines.append(f"  gate       {str(gate.get('state', '?')).upper()} (exit {gate.get('exit_code')}):"
                      f" {gate.get('reason')}")
+    elif "panic_cooldown" in (snap.get("errors") or {}):
+        lines.append(f"  gate       BROKEN: it could not evaluate ({snap['errors']['panic_cooldown']})")
         lines.append(f"  panics     {gate.get('recent_panics_24h')} GPU in 24h, "
                      f"{gate.get('recent_panics_72h')} GPU in 72h; "
                      f"{gate.get('abort_count_24h')} GPU abort(s) in 24h")
@@ -55,14 +59,29 @@ def _render_text(snap: dict[str, Any], code: int, label: str) -> str:
     return "\n".join(lines)
 
 
+def health(snap: dict[str, Any]) -> tuple[int, str]:
+    """The snapshot's worst health: :func:`~metal_guard.status.snapshot_health`, raised to
+    3 ("GATE BROKEN") when the gate's collector itself failed — the gate could not evaluate,
+    which is worse than a warning (it is what exit 3 means)."""
+    from metal_guard.cli import EXIT_GATE_BROKEN
+    from metal_guard.status import snapshot_health
+
+    code, label = snapshot_health(snap)
+    errors = snap.get("errors")
+    if not isinstance(snap.get("panic_cooldown"), dict) and isinstance(errors, dict) \
+            and "panic_cooldown" in errors:
+        return EXIT_GATE_BROKEN, "GATE BROKEN"
+    return code, label
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
-    from metal_guard.status import get_status_snapshot, snapshot_health
+    from metal_guard.status import get_status_snapshot
 
     if args.lines < 0:
         print("metal-guard status: -n must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     snap = get_status_snapshot(breadcrumb_lines=args.lines)
-    code, label = snapshot_health(snap)
+    code, label = health(snap)
     fmt = "json" if args.json else args.format
     if fmt == "prometheus":
         from metal_guard.status_prom import render_prometheus
@@ -127,7 +146,8 @@ def _cmd_mode(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = add_command(subparsers, "status",
-                    help="health snapshot (default command); exit 0 ok, 1 warn, 2 cooldown, 3 broken")
+                    help="health snapshot (default command); exits with the worst health: "
+                         "0 ok, 1 warn, 2 cooldown, 3 gate broken")
     p.add_argument("--format", choices=("text", "json", "prometheus"), default="text")
     p.add_argument("-n", "--lines", type=int, default=20, help="breadcrumb lines to include")
     p.set_defaults(func=_cmd_status)

@@ -51,7 +51,7 @@ def _breaker_status() -> dict[str, Any] | None:
     try:
         from metal_guard.breaker import CircuitBreaker
 
-        return CircuitBreaker(auto_ingest=False).status()
+        return CircuitBreaker(auto_ingest=False).status().as_dict()
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 

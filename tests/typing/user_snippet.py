@@ -64,8 +64,8 @@ def benchmark(model: str, run: Callable[[Any, Any], float]) -> float:
 
 
 def main(model: str) -> int:
-    report: dict[str, Any] = install(adapters=["mlx_lm"])
-    if not report["installed"]:
+    report = install(adapters=["mlx_lm"])
+    if not report.installed or report.adapters["mlx_lm"].state == "failed":
         return 1
     try:
         print(in_a_worker(model, answer("hello", max_tokens=8)))
