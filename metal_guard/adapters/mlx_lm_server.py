@@ -52,7 +52,8 @@ from metal_guard.adapters.base import Target
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 
 NAME = "mlx_lm_server"
-INSTRUMENTS = ("mlx-lm>=0.32,<0.33",)  # TODO(lead, issue 16 part 2): version range; keep in step with adapters/mlx_lm.py
+#: The mlx-lm releases this adapter was written and tested against (kept in step with mlx_lm.py).
+INSTRUMENTS = ("mlx-lm>=0.32,<0.33",)
 log = logging.getLogger("metal_guard.adapters.mlx_lm_server")
 
 #: At most this many OOM restarts of the batched loop within :data:`RECOVERY_WINDOW_SEC`.
