@@ -197,3 +197,10 @@ def test_shutdown_with_a_stream_still_open(tiny_model_path: Path) -> None:
         for _ in stream:
             pass
     assert runner._handle.chan is None  # the channel was closed once the stream ended
+
+
+def test_pooled_call_defaults_are_mlx_lms() -> None:
+    import inspect
+
+    params = inspect.signature(call_model_isolated).parameters
+    assert params["max_tokens"].default == 256 and params["temperature"].default == 0.0

@@ -70,6 +70,27 @@ def test_greedy_output_equals_in_process_generate(runner: MLXSubprocessRunner,
     assert info is not None and info["generation_tokens"] == 40 and info["finish_reason"] == "length"
 
 
+def test_defaults_are_mlx_lms_defaults(runner: MLXSubprocessRunner, in_process: Any) -> None:
+    """No sampling arguments: greedy and mlx_lm's max_tokens, so the text equals mlx_lm's."""
+    import inspect
+
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    lib_max = inspect.signature(generate_step).parameters["max_tokens"].default
+    lib_temp = inspect.signature(make_sampler).parameters["temp"].default
+    assert (lib_max, lib_temp) == (256, 0.0)
+    for fn in (MLXSubprocessRunner.generate, MLXSubprocessRunner.stream_generate):
+        params = inspect.signature(fn).parameters
+        assert params["max_tokens"].default == lib_max
+        assert params["temperature"].default == lib_temp
+    got = runner.generate("tell me about the cat")
+    assert got == in_process("tell me about the cat", max_tokens=lib_max, temp=lib_temp)
+    info = runner.last_result
+    assert info is not None and info["generation_tokens"] == lib_max
+    assert info["finish_reason"] == "length"
+
+
 def test_every_sampling_argument_reaches_the_sampler(runner: MLXSubprocessRunner,
                                                      in_process: Any) -> None:
     kw: dict[str, Any] = dict(max_tokens=30, seed=1234)

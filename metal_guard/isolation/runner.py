@@ -192,8 +192,8 @@ class MLXSubprocessRunner(WorkerLifecycle):
         pid = self.worker_pid
         return S.process_tree_footprint_bytes(pid) if pid else None
 
-    def generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 4096,
-                 temperature: float = 0.3, top_p: float | None = None,
+    def generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float | None = None,
                  system: str | None = None, timeout: float | None = None,
                  seed: int | None = None, image: Any = None, apply_chat_template: bool = True,
                  extra: dict[str, Any] | None = None, prefill_timeout: float | None = None,
@@ -216,8 +216,8 @@ class MLXSubprocessRunner(WorkerLifecycle):
         with contextlib.closing(self._exchange(req, wait, prefill)) as frames:
             return "".join(fr["text"] for fr in frames)
 
-    def stream_generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 4096,
-                        temperature: float = 0.3, top_p: float | None = None,
+    def stream_generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 256,
+                        temperature: float = 0.0, top_p: float | None = None,
                         system: str | None = None, timeout: float | None = None,
                         seed: int | None = None, image: Any = None,
                         apply_chat_template: bool = True, extra: dict[str, Any] | None = None,
