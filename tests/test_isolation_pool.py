@@ -23,8 +23,9 @@ from metal_guard.isolation import (
 )
 from metal_guard.isolation.pool import pooled_runners
 from metal_guard.lock import read_mlx_lock
+from metal_guard.testing import worker_fault_env
 
-FAULTS = {"METALGUARD_WORKER_TEST_FAULTS": "1"}
+FAULTS = worker_fault_env()
 
 
 def _gone(pid: int | None) -> bool:

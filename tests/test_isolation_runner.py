@@ -16,8 +16,9 @@ import pytest
 
 from metal_guard.errors import MetalOOMError, WorkerError
 from metal_guard.isolation import MLXSubprocessRunner
+from metal_guard.testing import inject_worker_fault, worker_fault_env
 
-FAULTS = {"METALGUARD_WORKER_TEST_FAULTS": "1"}
+FAULTS = worker_fault_env()
 OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
        "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
 
@@ -196,7 +197,7 @@ def test_stats_report_worker_counters_and_footprint(runner: MLXSubprocessRunner)
 def test_oom_inside_the_worker_is_a_metal_oom_error(runner: MLXSubprocessRunner) -> None:
     pid = runner.worker_pid
     with pytest.raises(MetalOOMError) as info:
-        runner._debug_fault("raise", message=OOM)
+        inject_worker_fault(runner, "raise", message=OOM)
     err = info.value
     assert isinstance(err, MemoryError) and isinstance(err, RuntimeError)
     assert err.error_class is not None and err.error_class.name == "cmd_buffer_oom"
@@ -218,7 +219,7 @@ def test_a_fatal_gpu_error_replaces_the_worker(runner: MLXSubprocessRunner) -> N
     pid = runner.worker_pid
     crashes = runner.crash_count
     with pytest.raises(WorkerError) as info:
-        runner._debug_fault("raise", message="[METAL] Command buffer execution failed: Caused GPU "
+        inject_worker_fault(runner, "raise", message="[METAL] Command buffer execution failed: Caused GPU "
                             "Address Fault Error (0000000b:kIOGPUCommandBufferCallbackErrorPageFault)")
     assert info.value.error_class.name == "gpu_page_fault"  # type: ignore[attr-defined]
     assert runner.generate("hi", max_tokens=3)

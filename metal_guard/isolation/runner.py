@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Generator, Iterator
 from typing import Any
 
+from metal_guard import testing
 from metal_guard.errors import SubprocessCrashError, SubprocessTimeoutError, WorkerError
 from metal_guard.isolation import protocol as P
 from metal_guard.isolation import supervisor as S
@@ -303,7 +304,7 @@ class MLXSubprocessRunner(WorkerLifecycle):
                  apply_chat_template: bool, extra: dict[str, Any] | None,
                  sampling: dict[str, Any]) -> tuple[dict[str, Any], float]:
         wait = self.generate_timeout if timeout is None else positive("timeout", timeout)
-        debug_delay = sampling.pop("_debug_token_delay_sec", None)
+        debug_delay = testing.token_delay(sampling)
         req = P.generate_request(
             prompt, backend=self.backend, max_tokens=max_tokens, temperature=temperature,
             system=system, seed=seed, images=image, apply_chat_template=apply_chat_template,
@@ -322,16 +323,6 @@ class MLXSubprocessRunner(WorkerLifecycle):
             for fr in frames:
                 if fr["text"]:
                     yield fr["text"]
-
-    def _debug_fault(self, kind: str, *, timeout: float | None = None,
-                     **params: Any) -> dict[str, Any]:
-        """Test hook: make the worker commit a fault (needs METALGUARD_WORKER_TEST_FAULTS=1)."""
-        req = P.frame(P.DEBUG_FAULT, kind=kind, **params)
-        wait = timeout or self.generate_timeout
-        with contextlib.closing(self._exchange(req, wait, None)) as frames:
-            for _ in frames:
-                pass
-        return dict(self.last_result or {})
 
     def _enter_request(self, wait: float) -> None:
         """Take the runner for one request, waiting at most ``wait`` seconds for another
