@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-FAULTS = {"METALGUARD_WORKER_TEST_FAULTS": "1"}
+FAULTS = {"METALGUARD_TESTING": "1", "METALGUARD_WORKER_TEST_FAULTS": "1"}
 PROMPT = "Once upon a time"
 LOAD_CODE = ("import time, sys; t = time.perf_counter(); import mlx_lm; "
              "mlx_lm.load(sys.argv[1]); print(time.perf_counter() - t)")
@@ -97,6 +97,7 @@ def plain_load_sec(model_path: str, runs: int) -> tuple[float, float]:
 def recovery(model_path: str, runs: int) -> dict[str, float]:
     from metal_guard.errors import SubprocessCrashError
     from metal_guard.isolation import MLXSubprocessRunner
+    from metal_guard.testing import inject_worker_fault
 
     cold, again = [], []
     for _ in range(runs):
@@ -106,7 +107,7 @@ def recovery(model_path: str, runs: int) -> dict[str, float]:
         runner.generate(PROMPT, max_tokens=1)
         start = time.perf_counter()
         try:
-            runner._debug_fault("abort")
+            inject_worker_fault(runner, "abort")
         except SubprocessCrashError:
             pass
         runner.generate(PROMPT, max_tokens=1)
@@ -121,6 +122,7 @@ def crash_cycles(model_path: str, cycles: int) -> dict[str, Any]:
 
     from metal_guard.errors import SubprocessCrashError
     from metal_guard.isolation import MLXSubprocessRunner
+    from metal_guard.testing import inject_worker_fault
 
     me = psutil.Process()
     fds, threads = me.num_fds(), threading.active_count()
@@ -136,7 +138,7 @@ def crash_cycles(model_path: str, cycles: int) -> dict[str, Any]:
                 for _ in stream:
                     pass
             else:
-                runner._debug_fault(kind)
+                inject_worker_fault(runner, kind)
             raise AssertionError(f"cycle {i}: {kind} did not crash the worker")
         except SubprocessCrashError:
             pass
@@ -155,6 +157,7 @@ def crash_cycles(model_path: str, cycles: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    os.environ.setdefault("METALGUARD_TESTING", "1")  # the fault hooks (metal_guard.testing)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="an mlx_lm model dir (default: build the tiny model)")
     parser.add_argument("--tokens", type=int, default=3000)

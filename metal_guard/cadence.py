@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from metal_guard import storage
 from metal_guard.cadence_risk import CadenceInterval, explicit_interval, risk_interval
 from metal_guard.errors import CadenceViolation, CrossModelCadenceViolation, SettingsError
+from metal_guard.knowledge.families import is_gemma4_family
 from metal_guard.migrate import ensure_imported as ensure_legacy_imported
 from metal_guard.settings import Settings, get_settings
 
@@ -71,25 +71,6 @@ CADENCE_FILE = "cadence.json"
 ENV_VAR = "METALGUARD_CADENCE_MIN_INTERVAL_SEC"
 CMD_MAX_CHARS = 120
 MAX_RANKS = 1024
-
-# The model's last path component: "gemma-4-" + a size token ("31b", "e4b", "26b") and an
-# optional "-suffix" (it, a4b, 4bit, qat...). "gemma-4b-it" (no family number) does not match.
-_GEMMA4_RE = re.compile(r"^gemma-?4-(?:\d+(?:\.\d+)?b|e\d+b)(?:[-_.][a-z0-9._\-]*)?$", re.IGNORECASE)
-
-
-def is_gemma4_family(model_id: str) -> bool:
-    """True for a gemma-4 family model, named by hub id or local path, any publisher.
-
-    The reference accepted only three publishers (``mlx-community``, ``unsloth``,
-    ``mlx-models``); the hazard comes from the architecture, not the uploader, so a local
-    conversion (``~/models/gemma-4-31b-it-8bit``) or ``google/gemma-4-31b-it`` gets the
-    floor too.
-    """
-    if not isinstance(model_id, str):
-        return False
-    base = model_id.strip().rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    return bool(_GEMMA4_RE.match(base))
-
 
 def _interval(name: str, value: float | None, default: float | None) -> float | None:
     if value is None:

@@ -225,12 +225,13 @@ def _pipeline(run: _Runner, models: dict[str, Path], max_tokens: int) -> None:
 def _isolation_steps(run: _Runner, model: Path, max_tokens: int) -> None:
     from metal_guard.errors import SubprocessCrashError
     from metal_guard.isolation.runner import MLXSubprocessRunner
+    from metal_guard.testing import _send_fault, worker_fault_env
 
     runner: MLXSubprocessRunner | None = None
     try:
         with run.step("isolated", "subprocess-isolated generation") as step:
             # Test faults are enabled for this worker only, so step 6 can crash it on purpose.
-            runner = MLXSubprocessRunner(str(model), env={"METALGUARD_WORKER_TEST_FAULTS": "1"},
+            runner = MLXSubprocessRunner(str(model), env=worker_fault_env(),
                                          load_timeout=120.0, generate_timeout=60.0)
             pid = runner.worker_pid
             text = runner.generate(DRAFT_PROMPT, max_tokens=max_tokens, temperature=0.0,
@@ -241,7 +242,7 @@ def _isolation_steps(run: _Runner, model: Path, max_tokens: int) -> None:
         with run.step("crash", "crashed worker, recovered") as step:
             old_pid = runner.worker_pid
             try:
-                runner._debug_fault("abort")
+                _send_fault(runner, "abort")  # the demo's own, ungated
             except SubprocessCrashError as crash:
                 cls = crash.error_class.name if crash.error_class else "unclassified"
                 step.details["crash"] = {"signal": crash.signal, "error_class": cls,

@@ -9,6 +9,10 @@ is installed.
   uninstalled so the next test starts clean. ``metal_guard_leak_check = fail | warn | off`` in
   the ini file (or ``--metal-guard-leak-check``) changes that.
 
+* test hooks — loading the plugin enables :mod:`metal_guard.testing` in the test process
+  (:data:`TESTING_ENABLED`). A subprocess a test starts (an isolated worker, a server) honours
+  fault variables only with ``METALGUARD_TESTING=1`` in its own environment.
+
 Loading the plugin imports nothing but pytest: ``metal_guard.install`` is looked up in
 ``sys.modules`` and imported only by the fixture.
 """
@@ -26,6 +30,8 @@ if TYPE_CHECKING:
     from metal_guard.install_report import InstallReport
 
 _CHOICES = ("fail", "warn", "off")
+#: Read by :func:`metal_guard.testing.enabled`: set while the plugin is configured.
+TESTING_ENABLED = False
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,6 +42,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    global TESTING_ENABLED
+    TESTING_ENABLED = True
     config.addinivalue_line(
         "markers", "metal_guard(**options): options for the metal_guard_installed fixture "
         "(install() keywords, e.g. adapters=['mlx_lm'], cadence=False)")
@@ -92,3 +100,8 @@ def _leak_check(item: pytest.Item) -> None:
 
 
 _before_key = pytest.StashKey[bool]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global TESTING_ENABLED
+    TESTING_ENABLED = False

@@ -361,7 +361,9 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("METALGUARD_WORKER_MAX_FOOTPRINT_GB", "worker_max_footprint_gb", _f(0.0, allow_equal=False, maximum=100_000.0), None,
          "L7: hard limit on a worker's memory footprint, enforced by the parent (default: from recommended_config)."),
     _Var("METALGUARD_WORKER_TEST_FAULTS", "worker_test_faults", parse_bool, False,
-         "L7 tests only: let an isolated worker honour `_debug_fault` requests (abort, segfault, ...). Never set in production."),
+         "L7 tests only: let an isolated worker honour `_debug_fault` requests (abort, segfault, ...); needs METALGUARD_TESTING=1 too. Never set in production."),
+    _Var("METALGUARD_TESTING", "testing", parse_bool, False,
+         "Tests only: let this process honour the test fault variables (METALGUARD_WORKER_TEST_FAULTS, METALGUARD_TEST_SERVER_OOM_EVERY) and `metal_guard.testing` hooks; the pytest plugin enables the hooks in the test process itself. Never set in production."),
     _Var("METALGUARD_PROCESS_MODE", "process_mode", parse_process_mode, None,
          "R6: force the process mode (server/embedded/notebook/cli/subprocess_worker) instead of detecting it."),
     # Integration
@@ -396,7 +398,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("METALGUARD_SERVER_UNLOAD_ON_PRESSURE", "server_unload_on_pressure", parse_bool, False,
          "mlx_lm.server adapter: also unload the model early when memory pressure turns high (warn/critical) while no request is in flight."),
     _Var("METALGUARD_TEST_SERVER_OOM_EVERY", "test_server_oom_every", _i(0, maximum=10**9), 0,
-         "mlx_lm.server adapter, tests only: every N-th request fails with a simulated Metal OOM (0 = off). Never set in production."),
+         "mlx_lm.server adapter, tests only: every N-th request fails with a simulated Metal OOM (0 = off); needs METALGUARD_TESTING=1 (or the pytest plugin) too. Never set in production."),
     # mlx-safe-python
     _Var("MLX_SAFE_PYTHON_BIN", "safe_python_bin", parse_path, None,
          "mlx-safe-python: the interpreter to run (default: the running one)."),
@@ -447,6 +449,7 @@ class Settings:
     subprocess_worker: bool = False
     worker_max_footprint_gb: float | None = None
     worker_test_faults: bool = False
+    testing: bool = False
     process_mode: str | None = None
     autoload: bool = False
     announce: bool = False

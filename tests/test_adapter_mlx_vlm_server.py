@@ -45,6 +45,7 @@ CLIENT = """
 def test_oom_answers_503_and_status_route_reports_limits(tiny_vlm_path: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALGUARD_")}
     env.update(METALGUARD_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
+               METALGUARD_TESTING="1",
                METALGUARD_TEST_SERVER_OOM_EVERY="2")  # the 1st request works, the 2nd OOMs
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CLIENT), str(tiny_vlm_path)],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -59,7 +60,7 @@ def test_oom_answers_503_and_status_route_reports_limits(tiny_vlm_path: Path, tm
 def test_second_oom_reply_carries_retry_after(tiny_vlm_path: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METALGUARD_")}
     env.update(METALGUARD_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
-               METALGUARD_TEST_SERVER_OOM_EVERY="1")
+               METALGUARD_TESTING="1", METALGUARD_TEST_SERVER_OOM_EVERY="1")
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CLIENT), str(tiny_vlm_path)],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

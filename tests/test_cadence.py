@@ -144,6 +144,7 @@ def test_gemma4_floor_applies_even_with_base_zero():
         ("/Users/me/models/gemma-4-31b-it-8bit/", True),
         ("gemma-4-12b", True),
         ("mlx-community/gemma-4b-it", False),
+        ("/models/Gemma_4_12B", True),
         ("mlx-community/gemma-3-4b-it-4bit", False),
         ("mlx-community/Phi-4-mini-instruct-4bit", False),
         ("", False),

@@ -28,8 +28,9 @@ from metal_guard.errors import (
     SubprocessTimeoutError,
 )
 from metal_guard.isolation import MLXSubprocessRunner
+from metal_guard.testing import inject_worker_fault, worker_fault_env
 
-FAULTS = {"METALGUARD_WORKER_TEST_FAULTS": "1"}
+FAULTS = worker_fault_env()
 #: The default suite runs 20 crash/respawn cycles; set this to 200 for the long run.
 CYCLES = int(os.environ.get("METALGUARD_TEST_CRASH_CYCLES", "20"))
 
@@ -87,7 +88,7 @@ def test_real_fault_is_a_typed_crash_and_a_respawned_worker_answers(
         if fault == "sigkill":
             _kill_mid_stream(crasher)
         else:
-            crasher._debug_fault(fault)
+            inject_worker_fault(crasher, fault)
     err = info.value
     assert err.exitcode == -getattr(signal, sig) and err.signal == sig
     assert err.error_class is not None and err.error_class.name == cls
@@ -211,7 +212,7 @@ def test_a_success_resets_the_backoff(crasher: MLXSubprocessRunner,
     sleeps: list[float] = []
     monkeypatch.setattr(crasher, "_sleep", sleeps.append)
     with pytest.raises(SubprocessCrashError):
-        crasher._debug_fault("abort")
+        inject_worker_fault(crasher, "abort")
     assert crasher.generate("hi", max_tokens=2)
     assert len(sleeps) == 1 and 0.05 < sleeps[0] <= 0.25
 
@@ -244,11 +245,11 @@ def test_footprint_over_the_hard_limit_is_stopped_then_killed(
     try:
         # 1. a worker that stops when asked keeps running, the caller gets a MemoryError
         with pytest.raises(MetalOOMError, match="exceeded the hard limit"):
-            crasher._debug_fault("alloc", **alloc)
+            inject_worker_fault(crasher, "alloc", **alloc)
         assert crasher.worker_pid == pid
         # 2. one that ignores the stop and SIGTERM is SIGKILLed (its whole process group)
         with pytest.raises(SubprocessCrashError) as info:
-            crasher._debug_fault("alloc", ignore_stop=True, ignore_sigterm=True, **alloc)
+            inject_worker_fault(crasher, "alloc", ignore_stop=True, ignore_sigterm=True, **alloc)
     finally:
         crasher.max_footprint_bytes = None
     err = info.value
@@ -320,7 +321,7 @@ def test_crash_respawn_cycles_leak_no_process_zombie_fd_or_thread(
     crashes = crasher.crash_count
     for i in range(CYCLES):
         with pytest.raises(SubprocessCrashError):
-            crasher._debug_fault("abort" if i % 2 else "huge_alloc")
+            inject_worker_fault(crasher, "abort" if i % 2 else "huge_alloc")
         assert crasher.generate("hi", max_tokens=2, temperature=0.0)
         pids.add(crasher.worker_pid)
     assert len(pids) == CYCLES + 1 and crasher.crash_count == crashes + CYCLES

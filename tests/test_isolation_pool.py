@@ -23,8 +23,9 @@ from metal_guard.isolation import (
 )
 from metal_guard.isolation.pool import pooled_runners
 from metal_guard.lock import read_mlx_lock
+from metal_guard.testing import worker_fault_env
 
-FAULTS = {"METALGUARD_WORKER_TEST_FAULTS": "1"}
+FAULTS = worker_fault_env()
 
 
 def _gone(pid: int | None) -> bool:
@@ -197,3 +198,10 @@ def test_shutdown_with_a_stream_still_open(tiny_model_path: Path) -> None:
         for _ in stream:
             pass
     assert runner._handle.chan is None  # the channel was closed once the stream ended
+
+
+def test_pooled_call_defaults_are_mlx_lms() -> None:
+    import inspect
+
+    params = inspect.signature(call_model_isolated).parameters
+    assert params["max_tokens"].default == 256 and params["temperature"].default == 0.0

@@ -18,7 +18,7 @@ from metal_guard import breadcrumbs
 from metal_guard.errors import MetalOOMError, WorkerError
 from metal_guard.isolation import protocol as P
 from metal_guard.isolation import supervisor as S
-from metal_guard.isolation.generation import SAMPLING_KEYS, normalize_backend
+from metal_guard.isolation.generation import SAMPLING_KEYS, Model, normalize_backend
 from metal_guard.isolation.helpers import (
     gemma4_generation_flush,
     is_gemma4_family,
@@ -415,7 +415,7 @@ def test_inference_guard_writes_post_when_the_body_fails() -> None:
 @pytest.mark.parametrize(("model", "want"), [
     ("mlx-community/gemma-4-31b-it-4bit", True), ("google/gemma4-e4b", True),
     ("/models/Gemma_4_12B", True), ("gemma-3-27b-it", False), ("gemma-42x", False),
-    ("llama-4", False),
+    ("llama-4", False), ("mlx-community/gemma-4b-it", False),
 ])
 def test_gemma4_family(model: str, want: bool) -> None:
     assert is_gemma4_family(model) is want
@@ -464,3 +464,23 @@ def test_worker_ignores_a_stop_meant_for_an_earlier_request() -> None:
     with pytest.raises(GenerationStopped, match="shutting down"):
         worker.check_interrupt()
     assert worker.pending[-1]["type"] == "shutdown"  # served once the request has ended
+
+
+class _Step:
+    def __init__(self, **kw: object) -> None:
+        self.__dict__.update(kw)
+
+
+@pytest.mark.parametrize(("last", "want"), [
+    (_Step(finish_reason="length", generation_tokens=8), "length"),
+    (_Step(finish_reason="stop"), "stop"),
+    (_Step(finish_reason=None), None),          # the library gave no reason: none is invented
+    (_Step(), None),
+    (None, None),                               # nothing generated at all
+    (_Step(finish_reason=""), None),
+    (_Step(finish_reason="x" * 500), None),     # not passed on unbounded
+    (_Step(finish_reason="len\ngth"), None),
+    (_Step(finish_reason=7), None),
+])
+def test_done_frame_carries_the_real_finish_reason(last: object, want: str | None) -> None:
+    assert Model.summary(last, 0)["finish_reason"] == want

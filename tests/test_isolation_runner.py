@@ -16,8 +16,9 @@ import pytest
 
 from metal_guard.errors import MetalOOMError, WorkerError
 from metal_guard.isolation import MLXSubprocessRunner
+from metal_guard.testing import inject_worker_fault, worker_fault_env
 
-FAULTS = {"METALGUARD_WORKER_TEST_FAULTS": "1"}
+FAULTS = worker_fault_env()
 OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
        "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
 
@@ -68,6 +69,27 @@ def test_greedy_output_equals_in_process_generate(runner: MLXSubprocessRunner,
     assert len(got) > 0
     info = runner.last_result
     assert info is not None and info["generation_tokens"] == 40 and info["finish_reason"] == "length"
+
+
+def test_defaults_are_mlx_lms_defaults(runner: MLXSubprocessRunner, in_process: Any) -> None:
+    """No sampling arguments: greedy and mlx_lm's max_tokens, so the text equals mlx_lm's."""
+    import inspect
+
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    lib_max = inspect.signature(generate_step).parameters["max_tokens"].default
+    lib_temp = inspect.signature(make_sampler).parameters["temp"].default
+    assert (lib_max, lib_temp) == (256, 0.0)
+    for fn in (MLXSubprocessRunner.generate, MLXSubprocessRunner.stream_generate):
+        params = inspect.signature(fn).parameters
+        assert params["max_tokens"].default == lib_max
+        assert params["temperature"].default == lib_temp
+    got = runner.generate("tell me about the cat")
+    assert got == in_process("tell me about the cat", max_tokens=lib_max, temp=lib_temp)
+    info = runner.last_result
+    assert info is not None and info["generation_tokens"] == lib_max
+    assert info["finish_reason"] == "length"
 
 
 def test_every_sampling_argument_reaches_the_sampler(runner: MLXSubprocessRunner,
@@ -175,7 +197,7 @@ def test_stats_report_worker_counters_and_footprint(runner: MLXSubprocessRunner)
 def test_oom_inside_the_worker_is_a_metal_oom_error(runner: MLXSubprocessRunner) -> None:
     pid = runner.worker_pid
     with pytest.raises(MetalOOMError) as info:
-        runner._debug_fault("raise", message=OOM)
+        inject_worker_fault(runner, "raise", message=OOM)
     err = info.value
     assert isinstance(err, MemoryError) and isinstance(err, RuntimeError)
     assert err.error_class is not None and err.error_class.name == "cmd_buffer_oom"
@@ -197,7 +219,7 @@ def test_a_fatal_gpu_error_replaces_the_worker(runner: MLXSubprocessRunner) -> N
     pid = runner.worker_pid
     crashes = runner.crash_count
     with pytest.raises(WorkerError) as info:
-        runner._debug_fault("raise", message="[METAL] Command buffer execution failed: Caused GPU "
+        inject_worker_fault(runner, "raise", message="[METAL] Command buffer execution failed: Caused GPU "
                             "Address Fault Error (0000000b:kIOGPUCommandBufferCallbackErrorPageFault)")
     assert info.value.error_class.name == "gpu_page_fault"  # type: ignore[attr-defined]
     assert runner.generate("hi", max_tokens=3)

@@ -160,7 +160,7 @@ def test_a_server_that_gave_up_exits_nonzero_and_launchd_restarts_it(tiny_model_
     cmd, plist = _plist_program(tiny_model_path, port)
     # launchd restarts the job when it exits non-zero
     assert plist["KeepAlive"] == {"SuccessfulExit": False}
-    env = dict(os.environ, METALGUARD_TEST_SERVER_OOM_EVERY="1")
+    env = dict(os.environ, METALGUARD_TESTING="1", METALGUARD_TEST_SERVER_OOM_EVERY="1")
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

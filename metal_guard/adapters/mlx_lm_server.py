@@ -247,9 +247,10 @@ def _fault_sampler(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
     """Test-only: with ``METALGUARD_TEST_SERVER_OOM_EVERY=N`` every N-th request's sampler
     raises MLX's Metal OOM error from inside the generation step."""
     from metal_guard.policy import hot_settings
+    from metal_guard.testing import server_oom_every
 
     sampler = wrapped(*args, **kwargs)
-    every = hot_settings().test_server_oom_every
+    every = server_oom_every(hot_settings())
     state: ServerState | None = getattr(_thread, "state", None)
     if not every or state is None:
         return sampler

@@ -236,9 +236,10 @@ def _fault_sampler(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: d
     raises MLX's Metal OOM error from inside the generation step."""
     from metal_guard.adapters.mlx_lm_server import SIMULATED_OOM
     from metal_guard.policy import hot_settings
+    from metal_guard.testing import server_oom_every
 
     sampler = wrapped(*args, **kwargs)
-    every = hot_settings().test_server_oom_every
+    every = server_oom_every(hot_settings())
     if not every or _bump("samplers_made") % every:
         return sampler
 

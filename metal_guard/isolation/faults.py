@@ -1,6 +1,7 @@
 """Test-only faults a worker can be asked to commit (``_debug_fault`` frames).
 
-The worker runs these only when it was started with ``METALGUARD_WORKER_TEST_FAULTS=1``;
+The worker runs these only when it was started with ``METALGUARD_WORKER_TEST_FAULTS=1`` and
+``METALGUARD_TESTING=1`` (see :mod:`metal_guard.testing`, which sends them);
 otherwise a ``_debug_fault`` request is answered with a ``PermissionError``. They exist so
 the test suite and the benchmarks can produce *real* crashes in a real worker:
 

@@ -241,8 +241,7 @@ class Model:
 
         peak_gb = num("peak_memory")
         return {
-            "finish_reason": (getattr(last, "finish_reason", None) if last is not None else None)
-            or "stop",
+            "finish_reason": _finish_reason(last),
             "steps": steps,
             "prompt_tokens": int(num("prompt_tokens")),
             "generation_tokens": int(num("generation_tokens", steps)),
@@ -250,3 +249,15 @@ class Model:
             "generation_tps": round(num("generation_tps"), 3),
             "peak_memory_bytes": int(peak_gb * 1e9),
         }
+
+
+#: Longest finish reason passed on (mlx-lm and mlx-vlm say "length" or "stop").
+_MAX_REASON_CHARS = 32
+
+
+def _finish_reason(last: Any) -> str | None:
+    """The library's own finish reason, or ``None`` when it gave none (never an invented one)."""
+    reason = getattr(last, "finish_reason", None) if last is not None else None
+    if isinstance(reason, str) and 0 < len(reason) <= _MAX_REASON_CHARS and reason.isprintable():
+        return reason
+    return None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Any
 
 from metal_guard import backend
 from metal_guard.breadcrumbs import breadcrumb_with_meta
+from metal_guard.knowledge.families import is_gemma4_family
 
 log = logging.getLogger("metal_guard.isolation.helpers")
 
@@ -35,14 +35,6 @@ __all__ = [
     "process_create_time",
     "subprocess_inference_guard",
 ]
-
-_GEMMA4_RE = re.compile(r"gemma[-_ ]?4(?![0-9])", re.IGNORECASE)
-
-
-def is_gemma4_family(model_id: str) -> bool:
-    """True for gemma-4 family ids or paths (``mlx-community/gemma-4-31b-it-4bit``, ``gemma4``)."""
-    return bool(_GEMMA4_RE.search(str(model_id)))
-
 
 def process_create_time(pid: int) -> float | None:
     """psutil's ``create_time`` of ``pid`` (what L11 compares before signalling), or ``None``."""

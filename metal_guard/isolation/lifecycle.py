@@ -119,16 +119,19 @@ class WorkerLifecycle:
         deadline = self._clock() + wait
         while True:
             remaining = deadline - self._clock()
-            if remaining <= 0:
-                raise self._on_timeout(proc, phase, timeout, message)
+            # Poll before judging the deadline: a parent descheduled past it (a loaded box)
+            # must still take the frame already in the socket buffer, not kill a healthy
+            # worker. Past the deadline this is one non-blocking look, then the timeout.
             try:
-                if chan.poll(min(remaining, POLL_SEC)):
+                if chan.poll(min(max(remaining, 0.0), POLL_SEC)):
                     return chan.recv()
             except (EOFError, OSError):
                 raise self._on_death(proc, phase) from None
             except P.ProtocolError:
                 self._retire(proc)
                 raise
+            if remaining <= 0:
+                raise self._on_timeout(proc, phase, timeout, message)
             if not process_alive(proc):
                 with contextlib.suppress(EOFError, OSError, P.ProtocolError):
                     if chan.poll(0):

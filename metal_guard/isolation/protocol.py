@@ -16,7 +16,7 @@ Every frame carries ``"v"`` (:data:`PROTOCOL_VERSION`) and ``"type"``. Worker â†
 
 Parent â†’ worker: ``generate``, ``stop`` (end the current request early), ``stats``,
 ``shutdown`` and the test-only ``_debug_fault`` (honoured only when the worker was started
-with ``METALGUARD_WORKER_TEST_FAULTS=1``).
+with ``METALGUARD_WORKER_TEST_FAULTS=1`` and ``METALGUARD_TESTING=1``).
 """
 
 from __future__ import annotations

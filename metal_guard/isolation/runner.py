@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Generator, Iterator
 from typing import Any
 
+from metal_guard import testing
 from metal_guard.errors import SubprocessCrashError, SubprocessTimeoutError, WorkerError
 from metal_guard.isolation import protocol as P
 from metal_guard.isolation import supervisor as S
@@ -192,8 +193,8 @@ class MLXSubprocessRunner(WorkerLifecycle):
         pid = self.worker_pid
         return S.process_tree_footprint_bytes(pid) if pid else None
 
-    def generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 4096,
-                 temperature: float = 0.3, top_p: float | None = None,
+    def generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float | None = None,
                  system: str | None = None, timeout: float | None = None,
                  seed: int | None = None, image: Any = None, apply_chat_template: bool = True,
                  extra: dict[str, Any] | None = None, prefill_timeout: float | None = None,
@@ -216,8 +217,8 @@ class MLXSubprocessRunner(WorkerLifecycle):
         with contextlib.closing(self._exchange(req, wait, prefill)) as frames:
             return "".join(fr["text"] for fr in frames)
 
-    def stream_generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 4096,
-                        temperature: float = 0.3, top_p: float | None = None,
+    def stream_generate(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 256,
+                        temperature: float = 0.0, top_p: float | None = None,
                         system: str | None = None, timeout: float | None = None,
                         seed: int | None = None, image: Any = None,
                         apply_chat_template: bool = True, extra: dict[str, Any] | None = None,
@@ -303,7 +304,7 @@ class MLXSubprocessRunner(WorkerLifecycle):
                  apply_chat_template: bool, extra: dict[str, Any] | None,
                  sampling: dict[str, Any]) -> tuple[dict[str, Any], float]:
         wait = self.generate_timeout if timeout is None else positive("timeout", timeout)
-        debug_delay = sampling.pop("_debug_token_delay_sec", None)
+        debug_delay = testing.token_delay(sampling)
         req = P.generate_request(
             prompt, backend=self.backend, max_tokens=max_tokens, temperature=temperature,
             system=system, seed=seed, images=image, apply_chat_template=apply_chat_template,
@@ -322,16 +323,6 @@ class MLXSubprocessRunner(WorkerLifecycle):
             for fr in frames:
                 if fr["text"]:
                     yield fr["text"]
-
-    def _debug_fault(self, kind: str, *, timeout: float | None = None,
-                     **params: Any) -> dict[str, Any]:
-        """Test hook: make the worker commit a fault (needs METALGUARD_WORKER_TEST_FAULTS=1)."""
-        req = P.frame(P.DEBUG_FAULT, kind=kind, **params)
-        wait = timeout or self.generate_timeout
-        with contextlib.closing(self._exchange(req, wait, None)) as frames:
-            for _ in frames:
-                pass
-        return dict(self.last_result or {})
 
     def _enter_request(self, wait: float) -> None:
         """Take the runner for one request, waiting at most ``wait`` seconds for another

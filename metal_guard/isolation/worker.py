@@ -21,7 +21,7 @@ group, with stdout/stderr redirected to a per-worker log file that also receives
 
 All MLX work runs on the main thread (MLX streams are thread-affine); the watcher thread
 never touches MLX. Test-only faults (``_debug_fault`` frames) run only when the worker's
-environment has ``METALGUARD_WORKER_TEST_FAULTS=1``.
+environment has ``METALGUARD_WORKER_TEST_FAULTS=1`` and ``METALGUARD_TESTING=1``.
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ class Worker:
         self.current_id: Any = None  # id of the request being served
         self._done = threading.Event()
         from metal_guard.settings import get_settings
+        from metal_guard.testing import worker_faults_enabled
 
-        self.test_faults = get_settings().worker_test_faults
+        # test-only faults: METALGUARD_WORKER_TEST_FAULTS=1 *and* METALGUARD_TESTING=1
+        self.test_faults = worker_faults_enabled(get_settings())
 
     # ------------------------------------------------------------------ sending
 
@@ -291,7 +293,8 @@ class Worker:
     def _fault(self, req: dict[str, Any]) -> None:
         if not self.test_faults:
             raise PermissionError(
-                "debug faults are disabled (start the worker with METALGUARD_WORKER_TEST_FAULTS=1)"
+                "debug faults are disabled (start the worker with METALGUARD_TESTING=1 and "
+                "METALGUARD_WORKER_TEST_FAULTS=1)"
             )
         from metal_guard.isolation.faults import run_fault
         from metal_guard.isolation.helpers import subprocess_inference_guard

@@ -122,7 +122,7 @@ CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 
 
 def test_guarded_server_serves_answers_503_on_oom_and_recovers(start: Any, tiny_model_path: Path) -> None:
-    srv = start(tiny_model_path, METALGUARD_TEST_SERVER_OOM_EVERY="3")
+    srv = start(tiny_model_path, METALGUARD_TESTING="1", METALGUARD_TEST_SERVER_OOM_EVERY="3")
 
     status, body = srv.post("/v1/completions", COMPLETION)                 # request 1
     assert status == 200 and body["choices"][0]["text"], body

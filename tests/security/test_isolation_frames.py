@@ -24,8 +24,9 @@ from metal_guard.errors import SubprocessTimeoutError, WorkerError
 from metal_guard.isolation import MLXSubprocessRunner
 from metal_guard.isolation import protocol as P
 from metal_guard.isolation.runner import RunnerBusyError
+from metal_guard.testing import inject_worker_fault, worker_fault_env
 
-FAULTS = {"METALGUARD_WORKER_TEST_FAULTS": "1"}
+FAULTS = worker_fault_env()
 #: Upper bound for anything that must merely *finish* (not a speed claim).
 GENEROUS = 60.0
 BIG = 8 << 20  # far more than a socket pair buffers
@@ -211,7 +212,7 @@ def test_an_oversize_header_from_the_worker_cannot_hang_the_parent(
     pid = runner.worker_pid
     assert pid is not None
     with pytest.raises(P.ProtocolError, match="exceeds"):
-        runner._debug_fault("bad_frame", timeout=GENEROUS)
+        inject_worker_fault(runner, "bad_frame", timeout=GENEROUS)
     # the untrusted worker was replaced; the next request gets a fresh one
     assert runner.generate("hello", max_tokens=3, temperature=0.0)
     assert runner.worker_pid not in (None, pid)
