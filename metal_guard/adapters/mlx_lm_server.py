@@ -12,14 +12,20 @@ model differs from the loaded one)                 resolvable, policies, *then* 
                                                    load policy; a failed switch brings the previous
                                                    model back. Also performs keep-alive unloads
 ``ModelProvider.load_default``                     skipped when the loop restarts after an OOM
-``ResponseGenerator._generate``                    supervisor: OOM → in-flight requests get 503,
-                                                   memory released, loop restarted (at most
-                                                   :data:`MAX_RECOVERIES` a minute); when it cannot
-                                                   go on: not ready, and the process exits with
+``ResponseGenerator._generate``                    supervisor: tracks requests through the
+                                                   request queue (for the thread's whole life);
+                                                   OOM → memory released, breadcrumb, *then*
+                                                   in-flight requests get 503, loop restarted (at
+                                                   most :data:`MAX_RECOVERIES` a minute); when it
+                                                   cannot go on: not ready, queued and in-flight
+                                                   requests answered, and the process exits with
                                                    :data:`EXIT_SERVER_GAVE_UP` if we own it
-``ResponseGenerator._next_request``                readiness, request tracking, keep-alive expiry
+``ResponseGenerator._next_request``                readiness, keep-alive expiry (request tracking
+                                                   only when the queue could not be made to)
 ``ResponseGenerator._serve_single``                after an OOM on the sequential path: prompt
-                                                   cache dropped, MLX's buffer cache flushed
+                                                   cache dropped, MLX's buffer cache flushed —
+                                                   before the client gets its 503; the second
+                                                   half of a keep-alive unload
 ``ResponseGenerator.generate``,                    not ready → 503 at once; errors → OpenAI-shaped
 ``APIHandler.handle_completion``                   404/503, or an SSE error event mid-stream;
                                                    the request's ``keep_alive`` field
