@@ -92,6 +92,48 @@ class Server:
         self.generator.stop_and_join()
 
 
+class Outcome(threading.Event):
+    """Set when a background call ended; ``result`` is its return value or exception."""
+
+    result: Any = None
+
+
+def queued_request(srv: Server, model: Path, prompt: str = "queued", max_tokens: int = 2) -> Outcome:
+    """Put a completion request straight into the generation thread's queue from a background
+    thread, the way a handler that passed metal-guard's readiness check a moment earlier does
+    (``ResponseGenerator.generate`` without the adapter's wrapper)."""
+    from metal_guard.adapters.base import find_guard
+
+    site = vars(server.ResponseGenerator)["generate"]
+    guard = find_guard(site)
+    raw = guard.__wrapped__ if guard is not None else site
+    request = server.CompletionRequest(request_type="text", prompt=prompt, messages=[], tools=None,
+                                       role_mapping=None)
+    args = server.GenerationArguments(
+        model=server.ModelDescription(model=str(model), draft=None, adapter=None),  # type: ignore[arg-type]
+        sampling=server.SamplingArguments(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                                          xtc_probability=0.0, xtc_threshold=0.0),
+        logits=server.LogitsProcessorArguments(
+            logit_bias=None, repetition_penalty=0.0, repetition_context_size=20,
+            presence_penalty=0.0, presence_context_size=20, frequency_penalty=0.0,
+            frequency_context_size=20),
+        stop_words=[], max_tokens=max_tokens, num_draft_tokens=3, logprobs=False, top_logprobs=0,
+        seed=None, chat_template_kwargs=None)
+    outcome = Outcome()
+
+    def call() -> None:
+        try:
+            ctx, tokens = raw(srv.generator, request, args)
+            outcome.result = (ctx, list(tokens))
+        except BaseException as exc:  # reported to the test
+            outcome.result = exc
+        finally:
+            outcome.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    return outcome
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05,
              what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy (generous timeout, not a sleep)."""

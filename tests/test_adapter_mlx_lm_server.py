@@ -21,7 +21,7 @@ import pytest
 
 server = pytest.importorskip("mlx_lm.server")
 
-from server_support import Server  # noqa: E402
+from server_support import Server, wait_for  # noqa: E402
 
 from metal_guard import installer as mg  # noqa: E402
 from metal_guard.adapters import _server_http as http  # noqa: E402
@@ -39,6 +39,14 @@ def start_server() -> Iterator[Callable[..., Server]]:
     yield start
     for srv in servers:
         srv.close()
+
+
+def _wait_at_rest(srv: Server) -> None:
+    """mlx_lm.server saves a request's prompt-cache entry just *after* its last item, so its
+    client may read the cache first. Wait until the generation thread found no work once more:
+    that poll began after the whole request (the save included) was done."""
+    polls = srv.state().idle_polls
+    wait_for(lambda: srv.state().idle_polls > polls, timeout=60, what="the generation loop to idle")
 
 
 @pytest.fixture
@@ -132,10 +140,11 @@ def test_oom_on_sequential_path_answers_503_and_drops_prompt_cache(
         srv = start_server(tiny_model_path)
         # a seed makes mlx_lm.server serve the request sequentially (stream_generate)
         assert srv.complete(seed=1)[0] == 200
+        _wait_at_rest(srv)
         assert len(srv.generator.prompt_cache) == 1
         status, body = srv.complete("other prompt", seed=1)
         assert status == 503 and body["error"]["code"] == "metal_oom"
-        assert len(srv.generator.prompt_cache) == 0  # released after the OOM
+        assert len(srv.generator.prompt_cache) == 0  # released before the 503 was sent
         assert srv.state().counters["oom_recoveries_total"] == 0  # the loop never died
         assert srv.state().last_oom is not None and srv.state().last_oom["where"] == "sequential"
         assert srv.complete(seed=1)[0] == 200
@@ -172,6 +181,7 @@ def test_model_switch_releases_previous_model_and_enforces_cadence(
     srv = start_server(tiny_model_path)
     assert srv.complete()[0] == 200
     first = weakref.ref(srv.provider.model)
+    _wait_at_rest(srv)
     assert len(srv.generator.prompt_cache) == 1
 
     status, _body = srv.complete(model=str(second_model))
@@ -180,6 +190,7 @@ def test_model_switch_releases_previous_model_and_enforces_cadence(
     assert first() is None  # the previous model was released
     assert srv.provider.model_key[0] == str(second_model)
     # the first model's prompt-cache entry was dropped with it
+    _wait_at_rest(srv)
     assert len(srv.generator.prompt_cache) == 1
 
     # switching back within the cadence interval (180 s) is refused; the current model serves on
@@ -210,6 +221,7 @@ def test_prompt_cache_byte_cap_on_sequential_path(monkeypatch: pytest.MonkeyPatc
         srv = start_server(tiny_model_path)
         for prompt in ("alpha beta", "gamma delta", "epsilon zeta"):
             assert srv.complete(prompt, seed=3)[0] == 200  # seeded: the sequential path
+        _wait_at_rest(srv)
         cache = srv.generator.prompt_cache
         if cap is None:
             assert len(cache) == 3  # mlx_lm.server bounds only the entry count here

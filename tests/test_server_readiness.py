@@ -24,9 +24,10 @@ import pytest
 pytest.importorskip("mlx_lm.server")
 openai = pytest.importorskip("openai")
 
-from server_support import Server, metric, wait_for  # noqa: E402
+from server_support import Server, metric, queued_request, wait_for  # noqa: E402
 
 from metal_guard import installer as mg  # noqa: E402
+from metal_guard.adapters import _server_http as http  # noqa: E402
 from metal_guard.adapters.mlx_lm_server import EXIT_SERVER_GAVE_UP, MAX_RECOVERIES  # noqa: E402
 from metal_guard.cadence import CadenceGuard  # noqa: E402
 
@@ -49,17 +50,26 @@ def start_server() -> Iterator[Callable[..., Server]]:
 
 def test_restart_within_the_cadence_is_not_ready_and_answers_503_at_once(
         monkeypatch: pytest.MonkeyPatch, start_server: Callable[..., Server], tiny_model_path: Path) -> None:
-    monkeypatch.setenv("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "6")
+    monkeypatch.setenv("METALGUARD_CADENCE_MIN_INTERVAL_SEC", "8")
     CadenceGuard().mark_load(str(tiny_model_path))  # "the server crashed and was restarted at once"
     mg.install()
     try:
         srv = start_server(tiny_model_path)
         wait_for(lambda: srv.state().phase == "waiting", what="the start-up wait")
 
+        # A client that passed the door while the server was still "starting", a moment before
+        # the wait began: its request is already in the queue. It is answered 503 during the
+        # wait too, not served (or left hanging) when the wait is over.
+        answered = queued_request(srv, tiny_model_path)
+        assert answered.wait(30), "a request queued before the wait got no answer during it"
+        assert srv.state().phase == "waiting"
+        assert isinstance(answered.result, http.NotReady), answered.result
+        assert answered.result.reason == "model_load_cadence" and answered.result.retry_after
+
         status, headers, raw = srv.request("/health")
         body = json.loads(raw)
         assert status == 503 and body["status"] == "unavailable"
-        assert body["reason"] == "model_load_cadence" and 1 <= int(headers["Retry-After"]) <= 6
+        assert body["reason"] == "model_load_cadence" and 1 <= int(headers["Retry-After"]) <= 8
         assert body["error"]["code"] == "model_load_cadence"
 
         client = srv.openai()

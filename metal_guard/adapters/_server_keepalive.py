@@ -12,8 +12,9 @@ thread (in ``ModelProvider``, the batch generator and local variables of
 treats it like a request for another model: it drains and closes its batch generator, calls
 ``ModelProvider.load`` — whose ``_load`` wrapper releases the model, its prompt cache and MLX's
 buffer cache instead of loading anything, so the loop's own ``model``/``tokenizer`` variables
-are rebound to ``None`` — and passes it to ``_serve_single``, whose wrapper drops it. Nothing is
-answered (there is no client). The marker is an object a JSON body cannot produce.
+are rebound to ``None`` — and passes it to ``_serve_single``, whose wrapper then releases the
+memory (gc, MLX's buffer cache), now that nothing references the model, and counts the unload.
+Nothing is answered (there is no client). The marker is an object a JSON body cannot produce.
 
 With ``METALGUARD_SERVER_UNLOAD_ON_PRESSURE=1`` an idle model is also unloaded when the
 machine's memory pressure is ``warn`` or ``critical`` (checked at most every
@@ -138,9 +139,11 @@ def _pressure_high(state: ServerState) -> bool:
 
 
 def unload(provider: Any, generator: Any, state: ServerState, reason: str,
-           release: Any, drop_prompt_cache: Any) -> None:
-    """Release the served model and its prompt cache, flush MLX's buffer cache (on the
-    generation thread, from the ``_load`` wrapper); skipped if a request came in meanwhile."""
+           drop_prompt_cache: Any) -> None:
+    """First half of an unload (from the ``_load`` wrapper, on the generation thread): drop the
+    served model and its prompt cache; skipped if a request came in meanwhile. The loop still
+    holds the model in a local variable until ``load`` returns, so the memory is released by
+    :func:`finish_unload`, called from the next step of the loop."""
     key = getattr(provider, "model_key", None)
     if getattr(provider, "model", None) is None:
         return
@@ -154,9 +157,18 @@ def unload(provider: Any, generator: Any, state: ServerState, reason: str,
     machines = getattr(generator, "_state_machine_cache", None)
     if isinstance(machines, dict):
         machines.clear()
+    state.pending_unload = (model_id, reason, idle_for)
+
+
+def finish_unload(state: ServerState, release: Any) -> None:
+    """Second half, once the loop dropped its last reference to the model: gc, MLX's buffer
+    cache back to the system, breadcrumb, heartbeat — and only then the counter, so whoever
+    sees ``idle_unloads`` move finds all of that done."""
+    pending, state.pending_unload = state.pending_unload, None
+    if pending is None:
+        return
+    model_id, reason, idle_for = pending
     release()
-    state.bump("idle_unloads")
-    state.mark_used()
     _crumb("SERVER_IDLE_UNLOAD", model_id, reason=reason, idle_sec=f"{idle_for:.1f}",
            keep_alive_sec=f"{effective_keep_alive(state):g}")
     log.info("mlx_lm.server: unloaded %s after %.1f s idle (%s); the next request loads it again",
@@ -167,3 +179,5 @@ def unload(provider: Any, generator: Any, state: ServerState, reason: str,
         _publish(CallInfo("mlx_lm.server:idle_unload", model_id=None), force=True)
     except Exception as exc:
         log.debug("memory heartbeat after unload failed: %s", exc)
+    state.mark_used()
+    state.bump("idle_unloads")

@@ -17,11 +17,15 @@ Readiness (``phase``):
 from __future__ import annotations
 
 import collections
+import logging
 import math
+import queue
 import threading
 import time
 import weakref
 from typing import Any
+
+log = logging.getLogger("metal_guard.adapters.mlx_lm_server")
 
 #: Counters of a server: name -> help text (the metric is ``metal_guard_server_<name>``, with
 #: ``_total`` appended when the name lacks it).
@@ -63,6 +67,7 @@ class ServerState:
         self.wait_until: float | None = None  # monotonic
         self.owns_process = False  # set when started through mlx_lm.server.run()
         self.supervised = False  # the generation thread started under metal-guard
+        self.tracks_queue = False  # its request queue tracks requests (TrackingRequests)
         # requests in flight
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
         self.active_handlers = 0
@@ -70,6 +75,7 @@ class ServerState:
         self.last_used = time.monotonic()
         self.request_keep_alive: float | None = None  # the last finished request's keep_alive
         self.next_pressure_check = 0.0
+        self.pending_unload: tuple[str, str, float] | None = None  # (model, reason, idle_sec)
         self.idle_polls = 0  # times the generation loop found no request (keep-alive checks)
         self.pressure_runner: Any = None  # injectable macOS command runner (tests)
         # failed switches: model id -> (monotonic until, message)
@@ -142,9 +148,17 @@ class ServerState:
         with self.lock:
             self.active_handlers += 1
 
-    def end_request(self, keep_alive: float | None) -> None:
+    def end_request(self) -> None:
+        """An HTTP handler is done writing its answer."""
         with self.lock:
             self.active_handlers = max(0, self.active_handlers - 1)
+            self.last_used = time.monotonic()
+
+    def request_finished(self, keep_alive: float | None) -> None:
+        """The generation thread gave a request its last item (or its error): from now on that
+        request's ``keep_alive`` (``None``: the setting) decides. Runs *before* the item reaches
+        the handler, so a client that reads the status right after its answer sees it."""
+        with self.lock:
             self.last_used = time.monotonic()
             self.request_keep_alive = keep_alive
 
@@ -175,26 +189,52 @@ class ServerState:
 
 
 class TrackedQueue:
-    """Stands in for a request's response queue on the generation thread: forwards every
-    ``put`` and notes when the request got its last item (``None``) or an error."""
+    """Stands in for a request's response queue: forwards every ``put`` and notes when the
+    request got its last item (``None``) or an error.
 
-    __slots__ = ("__weakref__", "ctx", "done", "failure", "queue")
+    Created on the HTTP thread when the request is queued (:class:`TrackingRequests`), so it
+    carries that request's ``keep_alive``; the server state is told the request finished
+    *before* the last item is forwarded. With ``hold`` set (the sequential path), an error is
+    kept back until :meth:`release` — after the adapter has cleaned up behind it — so the
+    client never sees its 503 before the server is in the state the answer describes.
+    """
 
-    def __init__(self, queue: Any) -> None:
+    __slots__ = ("__weakref__", "ctx", "done", "failure", "held", "hold", "keep_alive", "queue",
+                 "state")
+
+    def __init__(self, queue: Any, state: ServerState | None = None,
+                 keep_alive: float | None = None) -> None:
         self.queue = queue
+        self.state = state
+        self.keep_alive = keep_alive
         self.ctx: Any = None
         self.done = False
         self.failure: BaseException | None = None
+        self.hold = False
+        self.held: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = None
 
     def put(self, item: Any, *args: Any, **kwargs: Any) -> None:
-        if item is None:
+        if item is None or isinstance(item, BaseException):
+            first = not self.done
             self.done = True
-        elif isinstance(item, BaseException):
-            self.done = True
-            self.failure = item
+            if item is not None:
+                self.failure = item
+            if first and self.state is not None:
+                self.state.request_finished(self.keep_alive)
+            if item is not None and self.hold and self.held is None:
+                self.held = (item, args, kwargs)
+                return
         elif self.ctx is None and hasattr(item, "_should_stop"):
             self.ctx = item  # the GenerationContext; its stop() runs when the handler is done
         self.queue.put(item, *args, **kwargs)
+
+    def release(self) -> None:
+        """Forward an error kept back by ``hold`` (idempotent) and stop holding."""
+        self.hold = False
+        held, self.held = self.held, None
+        if held is not None:
+            item, args, kwargs = held
+            self.queue.put(item, *args, **kwargs)
 
     @property
     def live(self) -> bool:
@@ -203,6 +243,83 @@ class TrackedQueue:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.queue, name)
+
+
+#: The HTTP thread's request being queued: its ``keep_alive`` (set by the handler wrapper).
+request_local = threading.local()
+
+
+def _wrap(item: Any, state: ServerState | None) -> Any:
+    """``(response_queue, request, args)`` with the queue wrapped in a :class:`TrackedQueue`."""
+    if not isinstance(item, tuple) or not item or isinstance(item[0], TrackedQueue):
+        return item
+    if not callable(getattr(item[0], "put", None)):
+        return item
+    keep_alive = getattr(request_local, "keep_alive", None)
+    return (TrackedQueue(item[0], state, keep_alive), *item[1:])
+
+
+class TrackingRequests(queue.Queue):  # type: ignore[type-arg]
+    """``ResponseGenerator.requests`` once its generation thread runs under the supervisor (the
+    instance's class is swapped, so every thread keeps using the same object).
+
+    ``_put`` (HTTP thread, under the queue's mutex) wraps the response queue; ``_get``
+    (generation thread) records it as held by the generation thread. Tracking therefore does
+    not depend on any wrapper being active at the moment the request is taken: the supervisor,
+    which answers tracked requests after an OOM, runs for the thread's whole life, and so does
+    this.
+    """
+
+    _mg_state: ServerState | None
+
+    def _put(self, item: Any) -> None:
+        super()._put(_wrap(item, getattr(self, "_mg_state", None)))
+
+    def _get(self) -> Any:
+        item = _wrap(super()._get(), getattr(self, "_mg_state", None))
+        state = getattr(self, "_mg_state", None)
+        if state is not None and isinstance(item, tuple) and item and isinstance(item[0], TrackedQueue):
+            state.track(item[0])
+        return item
+
+
+def reject_queued(generator: Any, make_error: Any) -> int:
+    """Answer every request still waiting in ``generator.requests`` with ``make_error()`` (the
+    generation thread cannot take them: a start-up wait, or it gave up). Returns how many."""
+    requests = getattr(generator, "requests", None) if generator is not None else None
+    answered = 0
+    while requests is not None:
+        try:
+            item = requests.get_nowait()
+        except queue.Empty:
+            break
+        except Exception as exc:
+            log.debug("could not take a queued request: %s", exc)
+            break
+        target: Any = item[0] if isinstance(item, tuple) and item else None
+        try:
+            target.put(make_error())
+            answered += 1
+        except Exception as exc:
+            log.debug("could not answer a queued request: %s", exc)
+    return answered
+
+
+def track_requests(generator: Any, state: ServerState) -> bool:
+    """Make ``generator.requests`` a :class:`TrackingRequests` (``False`` if it is not a plain
+    ``queue.Queue``: the ``_next_request`` wrapper then tracks what it hands out)."""
+    requests = getattr(generator, "requests", None)
+    if isinstance(requests, TrackingRequests):
+        requests._mg_state = state
+        return True
+    if type(requests) is not queue.Queue:
+        return False
+    with requests.mutex:
+        requests._mg_state = state  # type: ignore[attr-defined]
+        requests.__class__ = TrackingRequests
+        for index, item in enumerate(requests.queue):  # queued before the swap
+            requests.queue[index] = _wrap(item, state)
+    return True
 
 
 _STATES: weakref.WeakKeyDictionary[Any, ServerState] = weakref.WeakKeyDictionary()

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from metal_guard.adapters import _server_keepalive as keepalive
-from metal_guard.adapters._server_state import ServerState, state_for
+from metal_guard.adapters._server_http import NotReady
+from metal_guard.adapters._server_state import ServerState, reject_queued, state_for
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.policy import CallInfo
 
@@ -141,12 +142,17 @@ def preflight(model_id: str, info: CallInfo) -> None:
 
 
 def _sleep(seconds: float, state: ServerState) -> None:
+    """Sleep out a start-up wait; every slice, requests that were queued meanwhile (a client
+    that saw the server ``starting`` a moment before the wait began) are answered 503 +
+    ``Retry-After`` like the ones refused at the door — none waits for the load."""
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
-        ref = state.generator
-        generator = ref() if ref is not None else None
+        generator = _generator_of(state)
         if generator is not None and getattr(generator, "_stop", False):
             raise ServerStopping("the server is stopping")
+        blocked = state.not_ready()
+        if blocked is not None and blocked[0] == "waiting":
+            reject_queued(generator, lambda b=blocked: NotReady(b[1], b[2], b[0]))
         time.sleep(min(0.25, left))
 
 
@@ -266,8 +272,7 @@ def _startup_load(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: di
 def provider_load(wrapped: Any, provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     state = state_for(provider)
     if args and isinstance(args[0], keepalive.UnloadMarker):
-        keepalive.unload(provider, _generator_of(state), state, args[0].reason,
-                         release_memory, drop_prompt_cache)
+        keepalive.unload(provider, _generator_of(state), state, args[0].reason, drop_prompt_cache)
         return None
     info = describe_provider_load(provider, args, kwargs)
     model_id = info.model_id or "unknown-model"

@@ -12,14 +12,20 @@ model differs from the loaded one)                 resolvable, policies, *then* 
                                                    load policy; a failed switch brings the previous
                                                    model back. Also performs keep-alive unloads
 ``ModelProvider.load_default``                     skipped when the loop restarts after an OOM
-``ResponseGenerator._generate``                    supervisor: OOM → in-flight requests get 503,
-                                                   memory released, loop restarted (at most
-                                                   :data:`MAX_RECOVERIES` a minute); when it cannot
-                                                   go on: not ready, and the process exits with
+``ResponseGenerator._generate``                    supervisor: tracks requests through the
+                                                   request queue (for the thread's whole life);
+                                                   OOM → memory released, breadcrumb, *then*
+                                                   in-flight requests get 503, loop restarted (at
+                                                   most :data:`MAX_RECOVERIES` a minute); when it
+                                                   cannot go on: not ready, queued and in-flight
+                                                   requests answered, and the process exits with
                                                    :data:`EXIT_SERVER_GAVE_UP` if we own it
-``ResponseGenerator._next_request``                readiness, request tracking, keep-alive expiry
+``ResponseGenerator._next_request``                readiness, keep-alive expiry (request tracking
+                                                   only when the queue could not be made to)
 ``ResponseGenerator._serve_single``                after an OOM on the sequential path: prompt
-                                                   cache dropped, MLX's buffer cache flushed
+                                                   cache dropped, MLX's buffer cache flushed —
+                                                   before the client gets its 503; the second
+                                                   half of a keep-alive unload
 ``ResponseGenerator.generate``,                    not ready → 503 at once; errors → OpenAI-shaped
 ``APIHandler.handle_completion``                   404/503, or an SSE error event mid-stream;
                                                    the request's ``keep_alive`` field
@@ -47,7 +53,13 @@ from typing import Any
 from metal_guard.adapters import _server_http as http
 from metal_guard.adapters import _server_keepalive as keepalive
 from metal_guard.adapters import _server_switch as switch
-from metal_guard.adapters._server_state import ServerState, TrackedQueue
+from metal_guard.adapters._server_state import (
+    ServerState,
+    TrackedQueue,
+    reject_queued,
+    request_local,
+    track_requests,
+)
 from metal_guard.adapters.base import Target
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 
@@ -107,9 +119,9 @@ def _public_error(exc: BaseException) -> BaseException:
                          error_class=getattr(exc, "error_class", None))
 
 
-def _fail_live_requests(state: ServerState, error: BaseException) -> int:
+def _fail(queues: list[Any], error: BaseException) -> int:
     answered = 0
-    for queue in state.live_requests():
+    for queue in queues:
         try:
             queue.put(error)
             answered += 1
@@ -119,12 +131,17 @@ def _fail_live_requests(state: ServerState, error: BaseException) -> int:
 
 
 def _recover(generator: Any, state: ServerState, exc: BaseException) -> None:
-    answered = _fail_live_requests(state, _public_error(exc))
+    """After an OOM in the batched loop: release memory, write the record, *then* answer the
+    requests in flight — a client that got its 503 finds the breadcrumb, the counters and the
+    freed memory already there (and its retry does not race the release)."""
+    live = state.live_requests()  # strong references, before the dead frames are cleared
+    error = _public_error(exc)
     if exc.__traceback__ is not None:
         traceback.clear_frames(exc.__traceback__)
     switch.drop_prompt_cache(generator)
     switch.release_memory()
-    _crumb("SERVER_OOM_RECOVERED", str(exc)[:200], answered_503=answered)
+    _crumb("SERVER_OOM_RECOVERED", str(exc)[:200], answered_503=len(live))
+    answered = _fail(live, error)
     log.warning("mlx_lm.server: Metal OOM in the batched generation loop; %d request(s) in "
                 "flight answered 503, memory released, generation loop restarted", answered)
 
@@ -135,14 +152,18 @@ def _give_up(generator: Any, state: ServerState, exc: BaseException, why: str) -
     with state.lock:
         state.phase, state.reason, state.wait_until = "gave_up", "generation_unavailable", None
     error = _public_error(exc) if http.is_oom(exc) else RuntimeError("generation thread died")
-    answered = _fail_live_requests(state, error)
+    live = state.live_requests()
     exits = state.owns_process
-    _crumb("SERVER_GAVE_UP", why[:200], answered_503=answered,
+    _crumb("SERVER_GAVE_UP", why[:200], answered_503=len(live),
            exit_code=EXIT_SERVER_GAVE_UP if exits else "-")
     log.error("mlx_lm.server: %s; the generation thread stops (%d request(s) in flight answered "
-              "503)%s", why, answered,
+              "503)%s", why, len(live),
               f"; the process exits with code {EXIT_SERVER_GAVE_UP} so a supervisor restarts it"
               if exits else "")
+    _fail(live, error)
+    # queued, never taken: answered now rather than when the handler notices the dead thread
+    reject_queued(generator, lambda: http.NotReady(
+        "generation_unavailable", http.UNAVAILABLE_RETRY_AFTER_SEC, "gave_up"))
     if exits:
         threading.Thread(target=_exit_when_drained, args=(generator, state),
                          name="metal-guard-server-exit", daemon=True).start()
@@ -176,6 +197,9 @@ def _supervise_generate(wrapped: Any, generator: Any, args: tuple[Any, ...], kwa
     state = http.state_for(provider)
     state.generator = weakref.ref(generator)
     state.supervised = True
+    # Requests are tracked by their queue for the life of this thread (not by a wrapper that
+    # install()/uninstall() can switch off while the thread is waiting for work).
+    state.tracks_queue = track_requests(generator, state)
     _thread.state = state
     _thread.restarting = False
     try:
@@ -202,13 +226,15 @@ def _supervise_generate(wrapped: Any, generator: Any, args: tuple[Any, ...], kwa
 
 
 def _next_request(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    request = wrapped(*args, **kwargs)
     provider = getattr(generator, "model_provider", None)
     if provider is None:
-        return request
+        return wrapped(*args, **kwargs)
     state = http.state_for(provider)
     if state.phase != "ready":
         state.set_phase("ready")  # start-up (load_default) is done once the loop asks for work
+    if state.pending_unload is not None:  # (the _serve_single wrapper was not active)
+        keepalive.finish_unload(state, switch.release_memory)
+    request = wrapped(*args, **kwargs)
     if request is None:
         state.idle_polls += 1  # only this thread writes it
         if not state.active_handlers:
@@ -216,31 +242,46 @@ def _next_request(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: d
             if reason is not None:
                 return keepalive.unload_request(reason)
         return None
-    if not isinstance(request, tuple) or not request:
+    if state.tracks_queue or not isinstance(request, tuple) or not request:
+        return request  # (tracked by the request queue itself)
+    if isinstance(request[0], TrackedQueue):
         return request
-    tracked = TrackedQueue(request[0])
+    tracked = TrackedQueue(request[0], state)
     state.track(tracked)
     return (tracked, *request[1:])
+
+
+def _state_of(generator: Any) -> ServerState:
+    provider = getattr(generator, "model_provider", None)
+    return http.state_for(provider) if provider is not None else ServerState()
 
 
 def _serve_single(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if not args or not isinstance(args[0], tuple) or not args[0]:
         return wrapped(*args, **kwargs)
     if keepalive.is_unload(args[0]):
-        return None  # the model was released by the load wrapper; nobody to answer
+        # the load wrapper dropped the model and the loop its local reference: free the memory
+        keepalive.finish_unload(_state_of(generator), switch.release_memory)
+        return None  # nobody to answer
     queue = args[0][0]
-    result = wrapped(*args, **kwargs)
-    failure = getattr(queue, "failure", None) if isinstance(queue, TrackedQueue) else None
-    if failure is not None and http.is_oom(failure):
-        if failure.__traceback__ is not None:  # free the finished generation frames now
-            traceback.clear_frames(failure.__traceback__)
-        provider = getattr(generator, "model_provider", None)
-        if provider is not None:
-            http.state_for(provider).note_oom(failure, "sequential")
-        switch.drop_prompt_cache(generator)
-        switch.release_memory()
-        _crumb("SERVER_OOM_RELEASED", str(failure)[:200], path="sequential")
-    return result
+    if not isinstance(queue, TrackedQueue):
+        return wrapped(*args, **kwargs)
+    queue.hold = True  # an error reaches the client after the cleanup below, not before it
+    try:
+        result = wrapped(*args, **kwargs)
+        failure = queue.failure
+        if failure is not None and http.is_oom(failure):
+            if failure.__traceback__ is not None:  # free the finished generation frames now
+                traceback.clear_frames(failure.__traceback__)
+            provider = getattr(generator, "model_provider", None)
+            if provider is not None:
+                http.state_for(provider).note_oom(failure, "sequential")
+            switch.drop_prompt_cache(generator)
+            switch.release_memory()
+            _crumb("SERVER_OOM_RELEASED", str(failure)[:200], path="sequential")
+        return result
+    finally:
+        queue.release()
 
 
 def _fault_sampler(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -312,6 +353,7 @@ def _handle_completion(wrapped: Any, handler: Any, args: tuple[Any, ...], kwargs
     provider = getattr(generator, "model_provider", None)
     state = http.state_for(provider) if provider is not None else None
     previous = http.set_handler(handler)
+    request_local.keep_alive = keep_alive  # taken by the request queue with the request
     if state is not None:
         state.begin_request()
     try:
@@ -326,8 +368,11 @@ def _handle_completion(wrapped: Any, handler: Any, args: tuple[Any, ...], kwargs
         return None
     finally:
         http.set_handler(previous)
+        request_local.keep_alive = None
         if state is not None:
-            state.end_request(keep_alive)
+            state.end_request()
+            if not state.tracks_queue:  # (requests not tracked by the queue: no better moment)
+                state.request_finished(keep_alive)
 
 
 def _do_get(wrapped: Any, handler: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
