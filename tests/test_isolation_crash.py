@@ -7,6 +7,7 @@ limit — and the test then checks that a respawned worker answers.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -314,7 +315,13 @@ def test_crash_respawn_cycles_leak_no_process_zombie_fd_or_thread(
     monkeypatch.setenv("METALGUARD_BREAKER_THRESHOLD", "100000")
     monkeypatch.setattr(crasher, "backoff_base_sec", 0.05)
     crasher.generate("hi", max_tokens=2)  # a live worker spawned under this test's home
+    # One crash and respawn before the baseline: what the first crash opens once and keeps
+    # (log handles, lazily created files) is not a per-cycle leak.
+    with pytest.raises(SubprocessCrashError):
+        inject_worker_fault(crasher, "abort")
+    assert crasher.generate("hi", max_tokens=2, temperature=0.0)
     me = psutil.Process()
+    gc.collect()  # objects of earlier tests may still hold fds: let them go before the baseline
     fds, threads = me.num_fds(), threading.active_count()
     assert [c.pid for c in me.children(recursive=True)] == [crasher.worker_pid]
     pids = {crasher.worker_pid}
@@ -329,7 +336,11 @@ def test_crash_respawn_cycles_leak_no_process_zombie_fd_or_thread(
     assert [c.pid for c in children] == [crasher.worker_pid]
     assert children[0].status() != psutil.STATUS_ZOMBIE
     assert _threads_settle(threads) == threads  # one footprint monitor, as before
-    assert me.num_fds() == fds
+    deadline = time.monotonic() + 10  # a respawn's last handles close on their own threads
+    while me.num_fds() > fds and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert me.num_fds() <= fds  # a leak grows the count; an fd of an earlier test may close meanwhile
     assert scan_orphan_subproc_pre(threshold_sec=0) == []  # every PRE has its POST
 
 
