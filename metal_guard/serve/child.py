@@ -34,6 +34,9 @@ __all__ = ["Child", "free_port"]
 
 PROBE_INTERVAL_SEC = 0.1
 PROBE_TIMEOUT_SEC = 2.0
+#: The pump pauses this long after a read shorter than PUMP_FULL_READ, to gather log lines.
+PUMP_GATHER_SEC = 0.02
+PUMP_FULL_READ = 65536
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -132,13 +135,17 @@ class Child:
         fd = self.proc.stdout.fileno()
         while True:
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, PUMP_FULL_READ)
             except OSError:
                 break
             if not data:
                 break
             self.tail.feed(data)
             self.sink.write(data)
+            if len(data) < PUMP_FULL_READ:
+                # A server logs a few lines per request; waking for each costs the front CPU
+                # on every request. Let a short pause gather them (the pipe holds 64 KiB).
+                time.sleep(PUMP_GATHER_SEC)
         with contextlib.suppress(OSError):
             self.proc.stdout.close()
 

@@ -15,12 +15,10 @@ OpenAI-shaped 503 with ``Retry-After``; a stream that was already running ends w
 
 from __future__ import annotations
 
-import http.client
 import logging
-import socket
 from typing import TYPE_CHECKING, Any
 
-from metal_guard.serve import replies
+from metal_guard.serve import http1, replies
 
 if TYPE_CHECKING:  # pragma: no cover
     from metal_guard.serve.child import Child
@@ -41,7 +39,7 @@ CHUNK = 65536
 #: How long an upstream failure waits for the supervisor to see (and classify) the death.
 DEATH_WAIT_SEC = 1.0
 
-_UPSTREAM_ERRORS = (OSError, http.client.HTTPException)
+_UPSTREAM_ERRORS = (OSError, http1.HeadError, http1.IncompleteBody)
 
 
 class BodyError(Exception):
@@ -76,15 +74,12 @@ def read_body(handler: FrontHandler, max_bytes: int) -> bytes:
         if te.strip().lower() != "chunked":
             raise BodyError(501, f"unsupported Transfer-Encoding {te[:40]!r}")
         return _read_chunked(handler, max_bytes)
-    raw = handler.headers.get("Content-Length")
-    if raw is None:
-        return b""
     try:
-        length = int(raw.strip(), 10)
-    except ValueError:
-        raise BodyError(400, "invalid Content-Length header") from None
-    if length < 0:
-        raise BodyError(400, "invalid Content-Length header")
+        length = http1.content_length(handler.headers)  # type: ignore[arg-type]
+    except http1.HeadError as exc:
+        raise BodyError(exc.status, str(exc)) from None
+    if length is None:
+        return b""
     if length > max_bytes:
         raise BodyError(413, f"request body of {length} bytes exceeds the limit of {max_bytes}")
     data = handler.rfile.read(length)
@@ -139,53 +134,34 @@ def _death_message(child: Child) -> tuple[str, dict[str, Any]]:
 def forward(handler: FrontHandler, child: Child, body: bytes, *, timeout: float,
             retry_after: float) -> None:
     """Send the handler's request to ``child`` and relay its answer."""
-    headers = {k: v for k, v in handler.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers["Host"] = f"127.0.0.1:{child.port}"
-    if body or handler.command in ("POST", "PUT", "PATCH"):
-        headers["Content-Length"] = str(len(body))
-    conn = http.client.HTTPConnection("127.0.0.1", child.port, timeout=timeout)
+    headers = [(k, v) for k, v in handler.headers.items() if k.lower() not in HOP_BY_HOP]
+    up: http1.Upstream | None = None
     try:
         try:
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.request(handler.command, handler.path, body=body or None, headers=headers)
-            resp = conn.getresponse()
+            up = http1.Upstream(child.port, timeout)
+            up.send(handler.command, handler.path, headers, body)
+            up.read_head(handler.command)
         except _UPSTREAM_ERRORS as exc:
             log.debug("upstream failed before answering: %s", exc)
             message, extra = _death_message(child)
             send_error(handler, 503, message, code="server_restarting", retry_after=retry_after,
                        **extra)
             return
-        _relay(handler, child, resp, retry_after)
+        _relay(handler, child, up, retry_after)
     finally:
-        conn.close()
+        if up is not None:
+            up.close()
 
 
-def _read_bounded(resp: http.client.HTTPResponse, limit: int) -> bytes:
-    """At most ``limit`` bytes of the body, without allocating ``limit`` up front
-    (``HTTPResponse.read(n)`` zero-fills an ``n``-byte buffer first)."""
-    if resp.length is not None and resp.length < limit:
-        return resp.read()  # raises IncompleteRead when the child dies mid-body
-    parts: list[bytes] = []
-    total = 0
-    while total < limit:
-        data = resp.read1(min(CHUNK, limit - total))
-        if not data:
-            break
-        parts.append(data)
-        total += len(data)
-    return b"".join(parts)
-
-
-def _relay(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse,
+def _relay(handler: FrontHandler, child: Child, resp: http1.Upstream,
            retry_after: float) -> None:
-    ctype = (resp.getheader("Content-Type") or "").lower()
+    ctype = (resp.headers.get("Content-Type") or "").lower()
     if handler.command == "HEAD" or resp.status in (204, 304) or 100 <= resp.status < 200:
         _start(handler, resp, length=0)
         return
     if not ctype.startswith("text/event-stream"):
         try:
-            data = _read_bounded(resp, MAX_BUFFERED_BYTES + 1)
+            data = resp.read_all(MAX_BUFFERED_BYTES + 1)
         except _UPSTREAM_ERRORS as exc:
             log.debug("upstream died mid-answer: %s", exc)
             message, extra = _death_message(child)
@@ -200,12 +176,12 @@ def _relay(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse,
     _stream(handler, child, resp, first=b"", sse=True)
 
 
-def _start(handler: FrontHandler, resp: http.client.HTTPResponse, *, length: int | None,
+def _start(handler: FrontHandler, resp: http1.Upstream, *, length: int | None,
            body: bytes = b"") -> None:
     """Status line and headers (and a small ``body``) in one write."""
     handler.send_response_only(resp.status, resp.reason)
     handler.send_header("Date", handler.date_time_string())
-    for key, value in resp.getheaders():
+    for key, value in resp.headers.items():
         if key.lower() not in HOP_BY_HOP:
             handler.send_header(key, value)
     if length is not None:
@@ -224,7 +200,7 @@ def _start(handler: FrontHandler, resp: http.client.HTTPResponse, *, length: int
         handler.wfile.write(body)
 
 
-def _stream(handler: FrontHandler, child: Child, resp: http.client.HTTPResponse, *,
+def _stream(handler: FrontHandler, child: Child, resp: http1.Upstream, *,
             first: bytes, sse: bool) -> None:
     chunked = handler.request_version == "HTTP/1.1"
     _start(handler, resp, length=None)
