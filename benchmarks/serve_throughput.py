@@ -9,6 +9,8 @@ machine are the same on both sides; rounds alternate front / direct to spread no
 
 * **requests/s** — ``--clients`` threads sending non-streaming completions (``--max-tokens``)
   through the front vs straight to the child's private port. Goal: front / direct >= 0.95.
+  Alongside: CPU milliseconds per request of the front and of the child during the rounds
+  through the front (psutil), the figure that decides the ratio on a CPU-bound box.
 * **time to first token** — median time from sending a streaming chat completion to its first
   content event, through the front vs direct. Goal: front / direct <= 1.05 (reported as
   direct / front >= 0.95).
@@ -83,16 +85,29 @@ class Front:
             time.sleep(0.05)
         raise SystemExit(f"front not ready; log {self.log.name}")
 
-    def child_port(self) -> int:
+    def child(self) -> tuple[int, int]:
+        """The active child's (port, pid)."""
         _, body = request(self.port, "GET", "/metal-guard/status")
-        return int(json.loads(body)["serve"]["active"]["port"])
+        active = json.loads(body)["serve"]["active"]
+        return int(active["port"]), int(active["pid"])
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
 
 
-def rps(port: int, seconds: float, clients: int, max_tokens: int) -> float:
+def cpu_sec(pids: list[int]) -> list[float]:
+    import psutil
+
+    out = []
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        out.append(t.user + t.system)
+    return out
+
+
+def rps(port: int, seconds: float, clients: int, max_tokens: int,
+        counted: list[int] | None = None) -> float:
     body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0.0}
     stop = time.monotonic() + seconds
     counts = [0] * clients
@@ -109,6 +124,8 @@ def rps(port: int, seconds: float, clients: int, max_tokens: int) -> float:
         t.start()
     for t in threads:
         t.join()
+    if counted is not None:
+        counted.append(sum(counts))
     return sum(counts) / (time.monotonic() - start)
 
 
@@ -173,13 +190,18 @@ def main() -> None:
     front = Front(model, env)
     try:
         front.wait_ready()
-        child = front.child_port()
+        child, child_pid = front.child()
         for port in (front.port, child):  # warm both paths
             rps(port, 1.0, args.clients, args.max_tokens)
         via: list[float] = []
         direct: list[float] = []
+        served: list[int] = []
+        cpu = [0.0, 0.0]
         for _ in range(args.rounds):
-            via.append(rps(front.port, args.seconds, args.clients, args.max_tokens))
+            before = cpu_sec([front.proc.pid, child_pid])
+            via.append(rps(front.port, args.seconds, args.clients, args.max_tokens, served))
+            after = cpu_sec([front.proc.pid, child_pid])
+            cpu = [c + b - a for c, a, b in zip(cpu, before, after, strict=True)]
             direct.append(rps(child, args.seconds, args.clients, args.max_tokens))
         t_via: list[float] = []
         t_direct: list[float] = []
@@ -200,7 +222,10 @@ def main() -> None:
     print(json.dumps({
         "requests_per_sec": {"front": round(r_via, 2), "direct": round(r_direct, 2),
                              "ratio": round(r_via / r_direct, 3), "rounds": args.rounds,
-                             "clients": args.clients, "max_tokens": args.max_tokens},
+                             "clients": args.clients, "max_tokens": args.max_tokens,
+                             "cpu_ms_per_request": {
+                                 "front": round(cpu[0] * 1e3 / max(1, sum(served)), 3),
+                                 "child": round(cpu[1] * 1e3 / max(1, sum(served)), 3)}},
         "ttft_ms_median": {"front": round(m_via * 1e3, 2), "direct": round(m_direct * 1e3, 2),
                            "ratio_direct_over_front": round(m_direct / m_via, 3),
                            "runs": args.ttft_runs},
