@@ -330,8 +330,8 @@ class WorkerLifecycle:
         except ImportError:
             return
         info = acquire_mlx_lock(f"mlx_subprocess_runner:{self.model_id}")
-        if info.get("acquired"):
-            self._lock_path = str(info.get("lock_path") or "") or None
+        if info.acquired:
+            self._lock_path = info.lock_path or None
             if self._lock_path is not None:
                 # A runner dropped without shutdown() must not hold the GPU lock until exit.
                 self._lock_finalizer = weakref.finalize(self, _release_lock_at, self._lock_path)
