@@ -174,11 +174,11 @@ def _run_breaker(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    lock = add_command(subparsers, "lock", help="show who holds the cross-process MLX lock (L8)")
+    lock = add_command(subparsers, "lock", help="show who holds the cross-process MLX lock")
     lock.set_defaults(func=_run_lock)
     breaker = add_command(
         subparsers, "breaker",
-        help="show (status), re-scan reports and evaluate (check) or clear the L9 circuit breaker",
+        help="show (status), re-scan reports and evaluate (check) or clear the circuit breaker",
     )
     breaker.add_argument("action", nargs="?", choices=("status", "check", "clear"), default="status")
     breaker.set_defaults(func=_run_breaker)
