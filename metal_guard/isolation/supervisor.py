@@ -167,7 +167,7 @@ def process_tree_footprint_bytes(pid: int) -> int | None:
     """
     read: Callable[[int], int | None]
     try:
-        from metal_guard.memory import process_footprint_bytes as read
+        from metal_guard.hardware import process_footprint_bytes as read
     except ImportError:
         read = _rss
     total = read(pid)
