@@ -1,7 +1,7 @@
 """The base of metal-guard's result dataclasses: attributes, ``as_dict()``, and a read-only
 ``Mapping`` view.
 
-Results (the install report, breaker status, cleanup results) are frozen dataclasses: read
+Results (the install report, breaker status, cleanup results, the lock's records) are frozen dataclasses: read
 ``status.in_cooldown``, and call ``as_dict()`` for JSON. They were plain dicts in 0.11 (the
 breaker's ``status()``) and in this package's first release, so ``status["in_cooldown"]``,
 ``.get()``, ``in`` and ``dict(status)`` keep working as a read-only view over the same fields

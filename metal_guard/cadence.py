@@ -55,9 +55,7 @@ __all__ = [
     "CADENCE_GC_AGE_SEC",
     "GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC",
     "CadenceGuard",
-    "CadenceInterval",
     "clear_for_load",
-    "is_gemma4_family",
     "require_cadence_clear",
 ]
 

@@ -190,7 +190,7 @@ def risk_interval(model_ref: str | os.PathLike[str], *, size_bytes: int | None =
 
     ``size_bytes`` / ``budget_bytes`` override the looked-up numbers (tests, callers who know).
     """
-    from metal_guard.cadence import is_gemma4_family
+    from metal_guard.knowledge.families import is_gemma4_family
 
     rules = rules or cadence_rules()
     ref = os.fspath(model_ref)

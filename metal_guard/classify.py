@@ -21,26 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from metal_guard.classify_table import KINDS as KINDS
-from metal_guard.classify_table import RECOVERY_HINTS as RECOVERY_HINTS
-from metal_guard.classify_table import SCHEMA as SCHEMA
-from metal_guard.classify_table import SCHEMA_VERSION as SCHEMA_VERSION
-from metal_guard.classify_table import SEVERITIES as SEVERITIES
-from metal_guard.classify_table import ErrorTableError as ErrorTableError
-from metal_guard.classify_table import Table, read_table
-from metal_guard.classify_table import validate_error_table as validate_error_table
+from metal_guard.classify_table import SEVERITIES, ErrorTableError, Table, read_table
 
 log = logging.getLogger("metal_guard.classify")
 
 __all__ = [
     "ERROR_CLASS_NAMES",
-    "KINDS",
-    "RECOVERY_HINTS",
-    "SCHEMA",
-    "SCHEMA_VERSION",
-    "SEVERITIES",
     "ErrorClass",
-    "ErrorTableError",
     "classify_crash",
     "classify_mlx_error",
     "detect_panic_signature",
@@ -50,7 +37,6 @@ __all__ = [
     "is_metal_oom",
     "is_process_abort_signature",
     "match_error_classes",
-    "validate_error_table",
 ]
 
 SCAN_HEAD_CHARS = 1 << 20  # 1 MiB of characters from the start of a text ...

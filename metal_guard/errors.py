@@ -22,7 +22,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Mapping
+
     from metal_guard.classify import ErrorClass
+    from metal_guard.lock_records import LockHolder
 
 __all__ = [
     "AdapterError",
@@ -239,14 +242,22 @@ class CrossModelCadenceViolation(CadenceViolation):
 
 
 class MLXLockConflict(MetalGuardError, RuntimeError):
-    """The cross-process MLX lock (L8) is held by another process; ``holder`` describes it."""
+    """The cross-process MLX lock (L8) is held by another process.
 
-    def __init__(self, holder: dict[str, Any] | None, message: str | None = None) -> None:
-        self.holder = dict(holder or {})
+    ``holder`` (a :class:`~metal_guard.lock_records.LockHolder`) describes it; a mapping given
+    instead (an 0.x holder dict) is turned into one.
+    """
+
+    def __init__(self, holder: LockHolder | Mapping[str, Any] | None,
+                 message: str | None = None) -> None:
+        from metal_guard.lock_records import LockHolder
+
+        if not isinstance(holder, LockHolder):
+            holder = LockHolder.from_mapping(holder or {})
+        self.holder: LockHolder = holder
         if message is None:
-            who = self.holder.get("pid", "unknown pid")
-            label = self.holder.get("label", "")
-            message = f"MLX lock is held by pid {who}" + (f" ({label})" if label else "")
+            who = f"pid {holder.pid}" if holder.pid is not None else "an unidentified process"
+            message = f"MLX lock is held by {who}" + (f" ({holder.label})" if holder.label else "")
         super().__init__(message)
 
 

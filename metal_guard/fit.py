@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("metal_guard.memory")
 
-__all__ = ["DEFAULT_FIT_LEVEL", "FIT_LEVELS", "FitResult", "can_fit", "check_fit", "require_fit"]
+__all__ = ["DEFAULT_FIT_LEVEL", "FitResult", "can_fit", "check_fit", "require_fit"]
 
 GB = 1_000_000_000
 FITS, DOES_NOT_FIT, UNKNOWN = "fits", "does_not_fit", "unknown"

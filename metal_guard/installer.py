@@ -47,7 +47,7 @@ from metal_guard.install_report import (
 log = logging.getLogger("metal_guard.installer")
 
 __all__ = [
-    "REGISTRY", "AdapterInfo", "AdapterState", "AdapterStatus", "InstallReport", "adapter_report",
+    "REGISTRY", "AdapterInfo", "adapter_report",
     "install", "is_installed", "register_adapter", "uninstall",
 ]
 

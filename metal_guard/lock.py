@@ -7,7 +7,9 @@ to clean up and no check-then-write race. Right after acquiring, the holder writ
 ``<lock>.holder.json`` = ``{pid, create_time, label, cmdline, started_at, host}`` describing
 itself. The sidecar is only a description: it is believed only when its ``pid`` *and*
 ``create_time`` match a live process and the kernel lock really is taken (the sidecar and its
-verification are :mod:`metal_guard.lock_holder`).
+verification are :mod:`metal_guard.lock_holder`). Answers are frozen records
+(:mod:`metal_guard.lock_records`, re-exported here): :class:`LockHolder` for who holds the
+lock, :class:`LockNotAcquired` for an acquire that lets the caller through without it.
 
 Re-entrancy is **per process**: every thread of the holding process passes through, with a
 reference count; the kernel lock is released when the count returns to zero.
@@ -28,27 +30,25 @@ from typing import Any
 from metal_guard import storage
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MLXLockConflict
-from metal_guard.lock_holder import CMDLINE_MAX_CHARS as CMDLINE_MAX_CHARS
-from metal_guard.lock_holder import CREATE_TIME_TOLERANCE_SEC as CREATE_TIME_TOLERANCE_SEC
-from metal_guard.lock_holder import SIDECAR_SUFFIX as SIDECAR_SUFFIX
 from metal_guard.lock_holder import (
     describe_holder,
-    elapsed_s,
     new_holder,
     probe_free,
     read_sidecar,
     signal_holder,
+    unverified_holder,
     verify_holder,
 )
 from metal_guard.lock_holder import lock_sidecar_path as lock_sidecar_path
+from metal_guard.lock_records import LockHolder, LockNotAcquired, LockResult
 from metal_guard.settings import OBSERVER, Settings, get_settings
 
 log = logging.getLogger("metal_guard.lock")
 
 __all__ = [
-    "CMDLINE_MAX_CHARS",
-    "CREATE_TIME_TOLERANCE_SEC",
-    "SIDECAR_SUFFIX",
+    "LockHolder",
+    "LockNotAcquired",
+    "LockResult",
     "acquire_mlx_lock",
     "lock_sidecar_path",
     "mlx_exclusive_lock",
@@ -104,22 +104,20 @@ def _key(path: Path) -> str:
 
 
 
-def _public(hold: _Hold) -> dict[str, Any]:
-    info = dict(hold.holder)
-    info.update(held=True, acquired=True, verified=True, held_by_this_process=True, depth=hold.depth)
-    info["elapsed_s"] = elapsed_s(info.get("started_at"))
-    return info
+def _public(hold: _Hold) -> LockHolder:
+    return LockHolder.from_sidecar(hold.holder, hold.path, held_by_this_process=True,
+                                   depth=hold.depth)
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def read_mlx_lock() -> dict[str, Any] | None:
+def read_mlx_lock() -> LockHolder | None:
     """Who holds the L8 lock, or ``None`` when it is free.
 
     A holder is reported with ``verified=True`` only when the sidecar's pid and create_time
     match a live process; a lock that is busy but described by a stale, forged or missing
-    sidecar is reported as ``{"held": True, "verified": False, "pid": None, "reason": ...}``.
+    sidecar is reported with ``verified=False, pid=None`` and the ``reason``.
     When the kernel lock is free the answer is ``None`` whatever the sidecar says.
     """
     path = get_settings().resolved_lock_path
@@ -149,8 +147,9 @@ def _validate_timeout(timeout: float | None) -> float | None:
 
 
 def acquire_mlx_lock(label: str, *, force: bool = False, timeout: float | None = 0,
-                     job: str | None = None) -> dict[str, Any]:
-    """Take the cross-process MLX lock; return the holder record (``acquired=True``).
+                     job: str | None = None) -> LockResult:
+    """Take the cross-process MLX lock; return the holder record (``acquired=True``), a
+    :class:`~metal_guard.lock_records.LockHolder`.
 
     ``timeout=0`` tries once (a busy lock whose holder is not yet verifiable is retried for
     up to :data:`UNVERIFIED_GRACE_SEC`); ``timeout>0`` waits that long; ``None`` waits forever.
@@ -161,8 +160,8 @@ def acquire_mlx_lock(label: str, *, force: bool = False, timeout: float | None =
     reclaim, then sleep ``MLX_RECLAIM_COOLDOWN_SEC``. Any other holder is never signalled.
 
     Raises :class:`MLXLockConflict` when the lock stays held elsewhere, except in observer mode
-    (``METALGUARD_MODE=observer``), where the conflict is logged and a record with
-    ``acquired=False`` is returned.
+    (``METALGUARD_MODE=observer``), where the conflict is logged and a
+    :class:`~metal_guard.lock_records.LockNotAcquired` (``observer=True``) is returned.
 
     ``job`` (the ranks of one distributed job pass their job key) makes the lock per job: it is
     written to the sidecar, and a rank that finds the lock held by a *verified* holder of the
@@ -201,9 +200,9 @@ def acquire_mlx_lock(label: str, *, force: bool = False, timeout: float | None =
             _ACQUIRING.discard(key)
             _COND.notify_all()
         log.debug("MLX lock held by pid %s of the same job %s; proceeding under it",
-                  shared.holder.get("pid"), job)
-        return {"acquired": False, "job_shared": True, "job": job, "label": label,
-                "lock_path": str(path), "holder": shared.holder}
+                  shared.holder.pid, job)
+        return LockNotAcquired(job_shared=True, job=job, label=label, lock_path=str(path),
+                               holder=shared.holder)
     except MLXLockConflict as exc:
         with _COND:
             _ACQUIRING.discard(key)
@@ -227,46 +226,46 @@ def _conflict(
     settings: Settings,
     path: Path,
     label: str,
-    holder: dict[str, Any],
+    holder: LockHolder,
     *,
     force: bool,
     error: MLXLockConflict | None = None,
-) -> dict[str, Any]:
+) -> LockNotAcquired:
     if settings.mode == OBSERVER:
         log.warning(
             "observer mode: MLX lock %s is held by pid %s (%s); %r continues without it",
-            path, holder.get("pid"), holder.get("label"), label,
+            path, holder.pid, holder.label, label,
         )
-        _crumb("LOCK_CONFLICT", label, observer=1, holder_pid=holder.get("pid"),
-               holder_label=holder.get("label"), force=int(force))
-        return {"acquired": False, "observer": True, "label": label, "lock_path": str(path),
-                "holder": holder}
+        _crumb("LOCK_CONFLICT", label, observer=1, holder_pid=holder.pid,
+               holder_label=holder.label, force=int(force))
+        return LockNotAcquired(observer=True, label=label, lock_path=str(path), holder=holder)
     if error is not None:
         raise error
     raise _conflict_error(holder)
 
 
-def _conflict_error(holder: dict[str, Any]) -> MLXLockConflict:
-    if holder.get("pid") is None:
-        why = holder.get("force_refused") or holder.get("reason") or "no holder description"
-        return MLXLockConflict(holder, f"MLX lock {holder.get('lock_path', '')} is held by an unverified process ({why})")
+def _conflict_error(holder: LockHolder) -> MLXLockConflict:
+    if holder.pid is None:
+        why = holder.force_refused or holder.reason or "no holder description"
+        return MLXLockConflict(
+            holder, f"MLX lock {holder.lock_path or ''} is held by an unverified process ({why})")
     return MLXLockConflict(holder)
 
 
 class _JobShared(Exception):
     """The lock is held by a verified rank of our own job."""
 
-    def __init__(self, holder: dict[str, Any]) -> None:
+    def __init__(self, holder: LockHolder) -> None:
         super().__init__("held by the same job")
         self.holder = holder
 
 
-def _same_job_holder(path: Path, job: str) -> dict[str, Any] | None:
+def _same_job_holder(path: Path, job: str) -> LockHolder | None:
     claim = read_sidecar(path)
     if not claim or claim.get("job") != job:
         return None
     holder = describe_holder(path)
-    return holder if holder.get("verified") and holder.get("job") == job else None
+    return holder if holder.verified and holder.job == job else None
 
 
 def _take_kernel_lock(
@@ -299,26 +298,23 @@ def _take_kernel_lock(
             reclaimed_from = _force_takeover(settings, path, lock, claim, proc)
             break
         if expired and (ok or now >= grace_deadline):
-            holder = describe_holder(path) if ok else {
-                "held": True, "verified": False, "pid": None, "label": None,
-                "reason": reason, "claimed": claim, "lock_path": str(path),
-            }
+            busy = describe_holder(path) if ok else unverified_holder(path, reason, claim)
             if force:
-                holder["force_refused"] = reason
+                busy = busy.replace(force_refused=reason)
                 _crumb("LOCK_FORCE_REFUSED", label, reason=reason,
                        claimed_pid=(claim or {}).get("pid"))
-            raise _conflict_error(holder)
+            raise _conflict_error(busy)
         step = ACQUIRE_POLL_SEC
         if deadline is not None:
             step = min(step, max(deadline - now, 0.0) or ACQUIRE_POLL_SEC)
         time.sleep(step)
-    holder = new_holder(label, path)
+    sidecar = new_holder(label, path)
     if job is not None:
-        holder["job"] = job
+        sidecar["job"] = job
     if reclaimed_from is not None:
-        holder["reclaimed_from"] = {k: reclaimed_from.get(k) for k in ("pid", "label", "started_at")}
+        sidecar["reclaimed_from"] = {k: reclaimed_from.get(k) for k in ("pid", "label", "started_at")}
     try:
-        storage.write_json(lock_sidecar_path(path), holder)
+        storage.write_json(lock_sidecar_path(path), sidecar)
     except BaseException:
         with contextlib.suppress(Exception):
             lock.release(force=True)
@@ -326,7 +322,7 @@ def _take_kernel_lock(
     if reclaimed_from is not None and settings.reclaim_cooldown_sec > 0:
         log.info("reclaimed MLX lock; cooling down %.1fs before use", settings.reclaim_cooldown_sec)
         time.sleep(settings.reclaim_cooldown_sec)
-    return lock, holder
+    return lock, sidecar
 
 
 def _try(lock: Any) -> bool:
@@ -350,10 +346,9 @@ def _force_takeover(
             _crumb("LOCK_RECLAIMED", str(claim.get("label", "")), pid=pid)
             return claim
         if time.monotonic() >= give_up:
-            holder = describe_holder(path)
-            holder["force_timeout"] = True
-            if holder.get("pid") not in (None, pid):
-                message = f"MLX lock was taken by pid {holder['pid']} after pid {pid} was stopped"
+            holder = describe_holder(path).replace(force_timeout=True)
+            if holder.pid not in (None, pid):
+                message = f"MLX lock was taken by pid {holder.pid} after pid {pid} was stopped"
             else:
                 message = (
                     f"MLX lock holder pid {pid} did not let go within "
@@ -397,16 +392,16 @@ def release_mlx_lock(*, lock_path: Path | None = None) -> bool:
 @contextlib.contextmanager
 def mlx_exclusive_lock(
     label: str, *, force: bool = False, timeout: float | None = 0, job: str | None = None
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[LockResult]:
     """Hold the L8 lock for the duration of the block (re-entrant within the process).
 
     In observer mode a conflict does not raise: the block runs and the yielded record has
-    ``acquired=False``. With ``job``, a rank of the job holding the lock runs under that hold
-    (``job_shared=True``).
+    ``acquired=False`` (a :class:`~metal_guard.lock_records.LockNotAcquired`). With ``job``, a
+    rank of the job holding the lock runs under that hold (``job_shared=True``).
     """
     info = acquire_mlx_lock(label, force=force, timeout=timeout, job=job)
     try:
         yield info
     finally:
-        if info.get("acquired"):
-            release_mlx_lock(lock_path=Path(info["lock_path"]))
+        if info.acquired and info.lock_path:
+            release_mlx_lock(lock_path=Path(info.lock_path))

@@ -24,6 +24,7 @@ from typing import Any
 from metal_guard import storage
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
 from metal_guard.errors import MLXLockConflict
+from metal_guard.lock_records import LockHolder
 from metal_guard.settings import get_settings
 
 log = logging.getLogger("metal_guard.lock_holder")
@@ -41,6 +42,7 @@ __all__ = [
     "probe_free",
     "read_sidecar",
     "signal_holder",
+    "unverified_holder",
     "uses_metal_guard",
     "verify_holder",
 ]
@@ -297,25 +299,19 @@ def probe_free(path: Path) -> bool | None:
         os.close(fd)  # also drops the shared lock
 
 
-def describe_holder(path: Path) -> dict[str, Any]:
+def describe_holder(path: Path) -> LockHolder:
     """What we can say about whoever holds the kernel lock at ``path`` (held elsewhere)."""
     claim = read_sidecar(path)
     ok, reason, _proc = verify_holder(claim, path)
     if ok and claim is not None:
-        info = dict(claim)
-        info.update(held=True, verified=True, held_by_this_process=False)
-        info["elapsed_s"] = elapsed_s(info.get("started_at"))
-        return info
-    return {
-        "held": True,
-        "verified": False,
-        "held_by_this_process": False,
-        "pid": None,
-        "label": None,
-        "reason": reason,
-        "claimed": claim,
-        "lock_path": str(path),
-    }
+        return LockHolder.from_sidecar(claim, path, held_by_this_process=False)
+    return unverified_holder(path, reason, claim)
+
+
+def unverified_holder(path: Path, reason: str, claim: dict[str, Any] | None) -> LockHolder:
+    """The record of a busy lock whose sidecar cannot be believed (``pid=None``)."""
+    return LockHolder(held=True, verified=False, held_by_this_process=False, pid=None,
+                      label=None, reason=reason, claimed=claim, lock_path=str(path))
 
 
 # --------------------------------------------------------------------------- signalling
@@ -372,8 +368,7 @@ def signal_holder(path: Path, claim: dict[str, Any], proc: Any) -> None:
     pid = int(claim["pid"])
     allowed, why = may_signal(proc, path)
     if not allowed:
-        holder = describe_holder(path)
-        holder["force_refused"] = why
+        holder = describe_holder(path).replace(force_refused=why)
         _crumb("LOCK_FORCE_REFUSED", str(claim.get("label", "")), pid=pid, reason=why)
         raise MLXLockConflict(holder, f"MLX lock is held by pid {pid}; force refused: {why}")
     import psutil
@@ -386,6 +381,5 @@ def signal_holder(path: Path, claim: dict[str, Any], proc: Any) -> None:
     except psutil.NoSuchProcess:
         pass  # exited on its own meanwhile
     except (psutil.AccessDenied, PermissionError):
-        holder = describe_holder(path)
-        holder["force_permission_denied"] = True
+        holder = describe_holder(path).replace(force_permission_denied=True)
         raise MLXLockConflict(holder, f"not permitted to signal MLX lock holder pid {pid}")

@@ -21,53 +21,37 @@ from typing import Any
 
 from metal_guard import backend
 from metal_guard.breadcrumbs import breadcrumb_with_meta as _crumb
-from metal_guard.hardware import process_footprint
-from metal_guard.hardware import process_footprint_bytes as process_footprint_bytes
-from metal_guard.hardware import system_memory as system_memory
-from metal_guard.ledger import LEDGER_FILE as LEDGER_FILE
-from metal_guard.ledger import PeakMeasurement as PeakMeasurement
+from metal_guard.hardware import process_footprint, system_memory
 from metal_guard.ledger import forget_peaks as forget_peaks
 from metal_guard.ledger import ledger_entries as ledger_entries
-from metal_guard.ledger import ledger_path as ledger_path
 from metal_guard.ledger import lookup_peak as lookup_peak
 from metal_guard.ledger import measure_peak as measure_peak
 from metal_guard.ledger import record_peak as record_peak
 from metal_guard.modelsize import ModelSize as ModelSize
 from metal_guard.modelsize import estimate_model_size as estimate_model_size
 from metal_guard.modelsize import estimate_model_size_from_name as estimate_model_size_from_name
-from metal_guard.modelsize import hf_cache_dir as hf_cache_dir
-from metal_guard.modelsize import hf_snapshot_dir as hf_snapshot_dir
-from metal_guard.modelsize import quantization_from_config as quantization_from_config
 from metal_guard.settings import Settings, get_settings
 
 log = logging.getLogger("metal_guard.memory")
 
 __all__ = [
     "FitResult",
-    "LEDGER_FILE",
     "MemoryStats",
     "ModelSize",
-    "PeakMeasurement",
     "can_fit",
     "check_fit",
     "ensure_headroom",
     "estimate_model_size",
     "estimate_model_size_from_name",
     "forget_peaks",
-    "hf_cache_dir",
-    "hf_snapshot_dir",
     "is_pressure_high",
     "ledger_entries",
-    "ledger_path",
     "log_memory",
     "lookup_peak",
     "measure_peak",
     "memory_stats",
-    "process_footprint_bytes",
-    "quantization_from_config",
     "record_peak",
     "require_fit",
-    "system_memory",
 ]
 
 GB = 1_000_000_000

@@ -24,9 +24,6 @@ from typing import Any, Literal
 from metal_guard.settings import DEFENSIVE, OBSERVER, PROCESS_MODES, Settings, get_settings
 
 __all__ = [
-    "DEFENSIVE",
-    "OBSERVER",
-    "PROCESS_MODES",
     "ProcessMode",
     "apply_mode_defaults",
     "current_mode",

@@ -27,7 +27,7 @@ from typing import Any
 from metal_guard.errors import SettingsError
 
 __all__ = [
-    "DEPRECATED", "INSTALL_KEYS", "OPTIONS", "REMOVED", "Option", "markdown_table", "option_names",
+    "DEPRECATED", "OPTIONS", "REMOVED", "Option", "markdown_table", "option_names",
     "settings_overrides", "validate_options",
 ]
 
@@ -150,8 +150,6 @@ DEPRECATED: dict[str, tuple[str, bool]] = {
 REMOVED: dict[str, str] = {
     "label": "it was accepted but never used",
 }
-#: ``install()``'s own keywords (which adapters, how strictly): not guard options.
-INSTALL_KEYS = ("adapters", "disabled_adapters", "strict", "rebind_aliases")
 
 
 def option_names() -> frozenset[str]:

@@ -609,8 +609,10 @@ def settings_or_current(settings: Settings | None = None) -> Settings:
 
 
 def describe_variables() -> list[dict[str, str]]:
-    """The table of variables for docs and `metal-guard doctor` (``accepted``: the form and,
-    for numbers, the range a value must have)."""
+    """The table of variables that docs/configuration.md is generated from
+    (``tools/gen_config_doc.py``; ``accepted``: the form and, for numbers, the range a value
+    must have). Documentation only: the ``doc`` column is never printed by the CLI or put in
+    an error message, so it may name the design's layers (L8, R6 ...)."""
     return [
         {"variable": v.env, "setting": v.field, "default": _fmt_default(v.default),
          "accepted": _accepted(v), "doc": v.doc}

@@ -104,7 +104,7 @@ def _lock(ctx: dict[str, Any]) -> dict[str, Any]:
     holder = read_mlx_lock()
     if not holder:
         return {"held": False}
-    info = to_jsonable(dict(holder))
+    info = to_jsonable(holder.as_dict())
     info["held"] = True
     if isinstance(info.get("cmdline"), str):
         info["cmdline"] = info["cmdline"][:500]

@@ -81,10 +81,10 @@ def render_prometheus(snap: Mapping[str, Any]) -> str:
             "2 cooldown, 3 gate broken); a guarded server's own /metrics counts the server being "
             "unable to serve as 1.", health)
     gate = _m(snap.get("panic_cooldown"))
-    out.one("panic_gate_exit_code", "L10 gate verdict: 0 proceed, 2 cooldown/lockout, 3 broken.",
+    out.one("panic_gate_exit_code", "Panic gate verdict: 0 proceed, 2 cooldown/lockout, 3 broken.",
             gate.get("exit_code"))
     if isinstance(gate.get("state"), str):
-        out.metric("panic_gate_state", "L10 gate state (1 for the current state).",
+        out.metric("panic_gate_state", "Panic gate state (1 for the current state).",
                    [({"state": st}, gate.get("state") == st) for st in _GATE_STATES])
     out.one("panic_cooldown_remaining_seconds", "Seconds until the cooldown/lockout may end.",
             gate.get("remaining_sec"))
@@ -99,10 +99,10 @@ def render_prometheus(snap: Mapping[str, Any]) -> str:
         out.one("kernel_panics_72h", "All kernel panics (GPU or not) in the last 72 h.", len(panics))
     lock = snap.get("lock")
     if isinstance(lock, Mapping):
-        out.one("lock_held", "1 when the cross-process MLX lock (L8) is held.", bool(lock.get("held")))
+        out.one("lock_held", "1 when the cross-process MLX lock is held.", bool(lock.get("held")))
     breaker = snap.get("breaker")
     if isinstance(breaker, Mapping):
-        out.one("breaker_open", "1 while the circuit breaker (L9) refuses new workers.",
+        out.one("breaker_open", "1 while the circuit breaker refuses new workers.",
                 bool(breaker.get("in_cooldown")))
     memory = snap.get("memory")
     if isinstance(memory, Mapping):

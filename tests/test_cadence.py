@@ -15,10 +15,10 @@ from metal_guard.cadence import (
     CADENCE_GC_AGE_SEC,
     GEMMA4_MIN_CROSS_MODEL_INTERVAL_SEC,
     CadenceGuard,
-    is_gemma4_family,
     require_cadence_clear,
 )
 from metal_guard.errors import CadenceViolation, CrossModelCadenceViolation, SettingsError
+from metal_guard.knowledge.families import is_gemma4_family
 from metal_guard.settings import get_settings
 
 T0 = 1_800_000_000.0

@@ -20,14 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metal_guard import classify
+from metal_guard import classify, classify_table
 from metal_guard.classify import (
     ERROR_CLASS_NAMES,
-    KINDS,
-    RECOVERY_HINTS,
-    SEVERITIES,
     ErrorClass,
-    ErrorTableError,
     classify_crash,
     classify_mlx_error,
     detect_panic_signature,
@@ -37,6 +33,12 @@ from metal_guard.classify import (
     is_metal_oom,
     is_process_abort_signature,
     match_error_classes,
+)
+from metal_guard.classify_table import (
+    KINDS,
+    RECOVERY_HINTS,
+    SEVERITIES,
+    ErrorTableError,
     validate_error_table,
 )
 from metal_guard.errors import MetalOOMError, SubprocessCrashError
@@ -634,8 +636,8 @@ def _packaged() -> dict[str, Any]:
 def test_packaged_table_is_valid_against_schema() -> None:
     jsonschema = pytest.importorskip("jsonschema")
     data = _packaged()
-    jsonschema.Draft202012Validator.check_schema(classify.SCHEMA)
-    jsonschema.validate(data, classify.SCHEMA)
+    jsonschema.Draft202012Validator.check_schema(classify_table.SCHEMA)
+    jsonschema.validate(data, classify_table.SCHEMA)
     rows = validate_error_table(data)
     assert rows == error_classes()
     assert frozenset(r.name for r in rows) == ERROR_CLASS_NAMES
@@ -703,7 +705,7 @@ def test_broken_table_is_rejected_clearly(mutate: Any, message: str, schema_catc
     jsonschema = pytest.importorskip("jsonschema")
     if schema_catches:  # the schema and the validator agree on shape errors
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(data, classify.SCHEMA)
+            jsonschema.validate(data, classify_table.SCHEMA)
 
 
 def test_non_object_table_rejected() -> None:
@@ -786,15 +788,6 @@ def test_known_string_survives_surrounding_noise(prefix: str, suffix: str) -> No
     assert found is not None
     # the OOM wins unless the noise itself spells a higher-priority class
     assert found.name == "cmd_buffer_oom" or found in match_error_classes(prefix + "\n" + suffix)
-
-
-def test_table_names_are_still_importable_from_classify() -> None:
-    from metal_guard import classify_table
-
-    for name in ("KINDS", "RECOVERY_HINTS", "SCHEMA", "SCHEMA_VERSION", "SEVERITIES",
-                 "ErrorTableError", "validate_error_table"):
-        assert getattr(classify, name) is getattr(classify_table, name), name
-        assert name in classify.__all__
 
 
 @pytest.mark.parametrize("exitcode", [-15, 143, -2, -1])

@@ -137,7 +137,7 @@ def test_names_left_out_of_the_facade_live_in_their_module() -> None:
                          ("publish_memory", "metal_guard.status"),
                          ("run_demo", "metal_guard.demo"),
                          ("system_memory", "metal_guard.hardware"),
-                         ("is_gemma4_family", "metal_guard.cadence")]:
+                         ("is_gemma4_family", "metal_guard.knowledge.families")]:
         assert callable(getattr(importlib.import_module(module), name))
         with pytest.raises(AttributeError):
             getattr(metal_guard, name)

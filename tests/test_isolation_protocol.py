@@ -21,10 +21,10 @@ from metal_guard.isolation import supervisor as S
 from metal_guard.isolation.generation import SAMPLING_KEYS, Model, normalize_backend
 from metal_guard.isolation.helpers import (
     gemma4_generation_flush,
-    is_gemma4_family,
     subprocess_inference_guard,
 )
 from metal_guard.isolation.spawn import WorkerHandle, crash_detail, map_worker_error
+from metal_guard.knowledge.families import is_gemma4_family
 
 # ----------------------------------------------------------------------------- frames
 

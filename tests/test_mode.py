@@ -11,6 +11,7 @@ import pytest
 from metal_guard import mode
 from metal_guard.errors import MetalOOMError
 from metal_guard.prefill import KVGrowthTracker, ModelDims, require_prefill_fit
+from metal_guard.settings import PROCESS_MODES
 
 DATA = Path(mode.__file__).parent / "data" / "process_modes.json"
 
@@ -77,7 +78,7 @@ def test_mode_table_values_and_schema() -> None:
     schema = {"type": "object", "required": ["schema_version", "modes"],
               "properties": {"schema_version": {"const": 1},
                              "modes": {"type": "object", "additionalProperties": row,
-                                       "required": list(mode.PROCESS_MODES)}}}
+                                       "required": list(PROCESS_MODES)}}}
     jsonschema.validate(data, schema)
     server = mode.apply_mode_defaults("server")
     assert (server["generate_timeout_sec"], server["periodic_flush_interval_sec"], server["kv_ceiling_gb"],

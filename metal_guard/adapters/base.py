@@ -51,7 +51,6 @@ from metal_guard.threads import clear_streams_at_thread_exit as _thread_hygiene
 log = logging.getLogger("metal_guard.adapters")
 
 __all__ = [
-    "CallInfo",
     "GuardWrapper",
     "Target",
     "count_guards",

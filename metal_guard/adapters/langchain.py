@@ -56,7 +56,6 @@ __all__ = ["INSTRUMENTS", "NAME", "TARGETS", "MetalGuardCallbackHandler", "callb
 
 PIPELINE = "langchain_community.llms.mlx_pipeline"
 CHAT = "langchain_community.chat_models.mlx"
-MANAGER = "langchain_core.callbacks.manager"
 #: Knowledge-layer patch that fixes each module against the current mlx-lm.
 _PATCHES = {PIPELINE: "langchain_mlx_pipeline", CHAT: "langchain_chat_mlx"}
 

@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     cmd = add_command(subparsers, "cadence",
-                      help="show (status) or clear (reset MODEL | reset --all) L9 cadence entries")
+                      help="show (status) or clear (reset MODEL | reset --all) the load cadence entries")
     cmd.add_argument("action", nargs="?", choices=("status", "reset"), default="status")
     cmd.add_argument("model", nargs="?", default=None, help="the model id or path to forget")
     cmd.add_argument("--all", action="store_true", help="with reset: forget every entry")

@@ -232,11 +232,11 @@ def _cmd_orphans(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = add_command(subparsers, "panic-gate",
-                    help="L10: may MLX work start? exit 0 proceed, 2 cooldown/lockout, 3 gate broken")
+                    help="panic gate: may MLX work start? exit 0 proceed, 2 cooldown/lockout, 3 gate broken")
     p.add_argument("-v", "--verbose", action="store_true", help="list the panics behind the verdict")
     p.set_defaults(func=_cmd_gate)
 
-    p = add_command(subparsers, "ack", help="L10: acknowledge panics so far and clear a lockout")
+    p = add_command(subparsers, "ack", help="acknowledge panics so far and clear a panic-gate lockout")
     p.add_argument("--note", default="", help="free text stored with the ack")
     p.add_argument("--clear", action="store_true", help="remove the ack instead of writing it")
     p.add_argument("--clear-sentinel", action="store_true",
@@ -250,13 +250,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--aborts", action="store_true", help="include .ips process-crash reports")
     p.set_defaults(func=_cmd_panics)
 
-    p = add_command(subparsers, "postmortem", help="L12: collect a panic bundle into OUTPUT_DIR")
+    p = add_command(subparsers, "postmortem", help="collect a postmortem bundle (panic reports, breadcrumbs, versions) into OUTPUT_DIR")
     p.add_argument("output_dir", metavar="OUTPUT_DIR")
     p.add_argument("--hours", type=float, default=24.0, help="look back this far (default 24)")
     p.set_defaults(func=_cmd_postmortem)
 
     p = add_command(subparsers, "orphan-scan",
-                    help="L11: find SUBPROC_PRE without SUBPROC_POST (exit 1 when found)")
+                    help="find orphaned worker starts: SUBPROC_PRE without SUBPROC_POST (exit 1 when found)")
     p.add_argument("--threshold-sec", type=float, default=None, metavar="N")
     p.add_argument("--kill", action="store_true",
                    help="SIGTERM/SIGKILL live orphans whose pid still has the recorded create_time")

@@ -27,16 +27,17 @@ from metal_guard.cli import (
 
 if TYPE_CHECKING:
     from metal_guard.breaker import BreakerStatus
+    from metal_guard.lock_records import LockHolder
 
 
-def _lock_summary(holder: dict[str, Any] | None) -> str:
+def _lock_summary(holder: LockHolder | None) -> str:
     if holder is None:
         return "free"
-    if not holder.get("verified"):
-        return f"held by an unverified process ({holder.get('reason', 'unknown')})"
+    if not holder.verified:
+        return f"held by an unverified process ({holder.reason or 'unknown'})"
     return (
-        f"held by pid {holder.get('pid')} ({holder.get('label') or 'no label'}) since "
-        f"{holder.get('started_at')} on {holder.get('host')}"
+        f"held by pid {holder.pid} ({holder.label or 'no label'}) since "
+        f"{holder.started_at} on {holder.host}"
     )
 
 
@@ -173,11 +174,11 @@ def _run_breaker(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    lock = add_command(subparsers, "lock", help="show who holds the cross-process MLX lock (L8)")
+    lock = add_command(subparsers, "lock", help="show who holds the cross-process MLX lock")
     lock.set_defaults(func=_run_lock)
     breaker = add_command(
         subparsers, "breaker",
-        help="show (status), re-scan reports and evaluate (check) or clear the L9 circuit breaker",
+        help="show (status), re-scan reports and evaluate (check) or clear the circuit breaker",
     )
     breaker.add_argument("action", nargs="?", choices=("status", "check", "clear"), default="status")
     breaker.set_defaults(func=_run_breaker)

@@ -153,7 +153,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_status)
 
     p = add_command(subparsers, "status-write",
-                    help="L13: write status.json (+ status.prom) once or every --interval seconds")
+                    help="write status.json (+ status.prom) once or every --interval seconds")
     p.add_argument("--out", default=None, help="snapshot path (default: <cache>/status.json)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--once", action="store_true", help="write one snapshot and exit")
@@ -167,5 +167,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tag", default=None, help="only lines with this TAG")
     p.set_defaults(func=_cmd_breadcrumb)
 
-    p = add_command(subparsers, "mode", help="show the L6 mode (defensive / observer)")
+    p = add_command(subparsers, "mode", help="show the guard mode (defensive / observer)")
     p.set_defaults(func=_cmd_mode)

@@ -35,12 +35,10 @@ from typing import TYPE_CHECKING
 
 from metal_guard.clock import now_ts as _now_ts
 from metal_guard.forensics.listing import (
-    NAME_DATE_SLACK_SEC,
     Candidate,
     RootFds,
     ScanResult,
     iter_report_candidates,
-    name_timestamp,
 )
 from metal_guard.forensics.records import KERNEL_PANIC, PanicRecord
 from metal_guard.forensics.safefs import UnsafePathError, open_beneath, read_fd
@@ -53,12 +51,7 @@ log = logging.getLogger("metal_guard.forensics.reports")
 
 __all__ = [
     "MAX_READ_BYTES",
-    "NAME_DATE_SLACK_SEC",
-    "Candidate",
-    "ScanResult",
     "classify_parsed",
-    "iter_report_candidates",
-    "name_timestamp",
     "parse_panic_reports",
     "parse_report_bytes",
     "parse_report_file",

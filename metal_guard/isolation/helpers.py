@@ -31,7 +31,6 @@ log = logging.getLogger("metal_guard.isolation.helpers")
 
 __all__ = [
     "gemma4_generation_flush",
-    "is_gemma4_family",
     "process_create_time",
     "subprocess_inference_guard",
 ]

@@ -325,13 +325,16 @@ class WorkerLifecycle:
     # ------------------------------------------------------------------ GPU lock
 
     def _acquire_gpu_lock(self) -> None:
-        try:
-            from metal_guard.lock import acquire_mlx_lock
-        except ImportError:
+        from metal_guard._policy_steps import _guard_layer
+        from metal_guard.settings import get_settings
+
+        # A lock layer that cannot be imported: GuardLayerError (defensive) or a warning.
+        lock = _guard_layer("metal_guard.lock", get_settings())
+        if lock is None:
             return
-        info = acquire_mlx_lock(f"mlx_subprocess_runner:{self.model_id}")
-        if info.get("acquired"):
-            self._lock_path = str(info.get("lock_path") or "") or None
+        info = lock.acquire_mlx_lock(f"mlx_subprocess_runner:{self.model_id}")
+        if info.acquired:
+            self._lock_path = info.lock_path or None
             if self._lock_path is not None:
                 # A runner dropped without shutdown() must not hold the GPU lock until exit.
                 self._lock_finalizer = weakref.finalize(self, _release_lock_at, self._lock_path)

@@ -72,7 +72,7 @@ def _slug(model_id: str) -> str:
 
 def _prune_logs(directory: Path) -> None:
     try:
-        logs = sorted(directory.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+        logs = sorted(directory.glob("*.log"), key=lambda p: p.lstat().st_mtime, reverse=True)
     except OSError:
         return
     now = time.time()
@@ -80,7 +80,7 @@ def _prune_logs(directory: Path) -> None:
         live = set(_LIVE_LOGS)
     for path in logs[KEEP_CRASH_LOGS:]:
         with contextlib.suppress(OSError):
-            if str(path) not in live and now - path.stat().st_mtime > PRUNE_MIN_AGE_SEC:
+            if str(path) not in live and now - path.lstat().st_mtime > PRUNE_MIN_AGE_SEC:
                 path.unlink()
 
 
@@ -192,6 +192,27 @@ class WorkerHandle:
             handle.discard(keep_log=proc is not None and proc.returncode not in (0, None))
 
 
+#: A new worker log: created here or not at all (a name planted in the log directory, a
+#: symlink included, is never opened), not inherited by other children.
+_NEW_LOG_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                  | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+def open_new_log(path: Path, mode: int) -> int:
+    """Create the worker log ``path`` (mode ``mode``, 0600) and return a write descriptor.
+
+    ``FileExistsError`` when anything (a file, a symlink) is already at ``path``: the name is
+    random, so that is someone else's doing, and it is never followed or appended to.
+    """
+    fd = os.open(path, _NEW_LOG_FLAGS, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have removed bits; never more than ``mode``
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def start_worker(runner: WorkerLifecycle, handle: WorkerHandle) -> None:
     """Start a worker for ``runner`` and store it in ``handle`` (no waiting for ``ready``)."""
     from multiprocessing.spawn import get_executable
@@ -207,7 +228,7 @@ def start_worker(runner: WorkerLifecycle, handle: WorkerHandle) -> None:
                           heartbeat_interval_sec=runner.heartbeat_interval_sec,
                           load_kwargs=runner.load_kwargs, env=runner.env)
     parent_sock, child_sock = socket.socketpair()
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    log_fd = open_new_log(log_path, FILE_MODE)
     try:
         argv = [os.fsdecode(get_executable()), "-m", "metal_guard.isolation.worker",
                 "--fd", str(child_sock.fileno()), "--config", config.to_json()]
@@ -235,13 +256,14 @@ def start_worker(runner: WorkerLifecycle, handle: WorkerHandle) -> None:
 def read_log_tail(path: Path | None, max_bytes: int = LOG_TAIL_BYTES) -> str:
     if path is None:
         return ""
-    try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - max_bytes))
-            return fh.read().decode("utf-8", "replace")
-    except OSError:
+    from metal_guard.storage import NotAStateFile, read_bytes_capped
+
+    try:  # no-follow: a log swapped for a symlink is not read into an error message
+        found = read_bytes_capped(path, max_bytes, tail=True)
+    except (NotAStateFile, OSError) as exc:  # StateFileError is an OSError
+        log.debug("cannot read worker log %s: %s", path, exc)
         return ""
+    return "" if found is None else found[0].decode("utf-8", "replace")
 
 
 def crash_detail(handle: WorkerHandle) -> str:

@@ -10,7 +10,9 @@
   and, above the hard limit, asks the worker to stop, then SIGTERMs, then SIGKILLs its
   process group.
 
-Breaker, gate and footprint readers come from their own modules and are imported lazily.
+Breaker, gate and footprint readers come from their own modules and are imported lazily; a
+breaker or gate that cannot be imported is a ``GuardLayerError`` (defensive) or a warning
+(observer), never a silent skip.
 """
 
 from __future__ import annotations
@@ -45,26 +47,30 @@ _NOT_GPU_KINDS = frozenset({"process_exit"})
 
 
 def check_spawn_allowed(model_id: str) -> None:
-    """Raise ``MLXCooldownActive`` / ``PanicCooldownActive`` when a worker must not start."""
+    """Raise ``MLXCooldownActive`` / ``PanicCooldownActive`` when a worker must not start.
+
+    The breaker and the gate are safety layers: one that cannot be imported (a broken
+    install) raises :class:`~metal_guard.errors.GuardLayerError` in defensive mode and is a
+    warning on every spawn in observer mode — never a silent skip.
+    """
+    from metal_guard._policy_steps import _guard_layer
     from metal_guard.errors import MLXCooldownActive, PanicCooldownActive
     from metal_guard.settings import get_settings
 
-    observer = not get_settings().is_defensive
-    try:
-        from metal_guard.breaker import CircuitBreaker
-
-        CircuitBreaker().check()
-    except MLXCooldownActive as exc:
-        if not observer:
-            raise
-        log.warning("observer mode: starting a worker for %r despite: %s", model_id, exc)
-    except ImportError:
-        log.debug("circuit breaker unavailable")
-    try:
-        from metal_guard.forensics.gate import evaluate_panic_cooldown
-    except ImportError:
+    settings = get_settings()
+    observer = not settings.is_defensive
+    breaker = _guard_layer("metal_guard.breaker", settings)
+    if breaker is not None:
+        try:
+            breaker.CircuitBreaker().check()
+        except MLXCooldownActive as exc:
+            if not observer:
+                raise
+            log.warning("observer mode: starting a worker for %r despite: %s", model_id, exc)
+    gate = _guard_layer("metal_guard.forensics.gate", settings)
+    if gate is None:
         return
-    verdict = evaluate_panic_cooldown()
+    verdict = gate.evaluate_panic_cooldown()
     if verdict.proceed:
         return
     if getattr(verdict, "state", "") == "broken":
@@ -77,17 +83,25 @@ def check_spawn_allowed(model_id: str) -> None:
 
 
 def record_crash(error: Any, *, pid: int | None) -> None:
-    """Count a worker crash toward the circuit breaker (never raises)."""
+    """Count a worker crash toward the circuit breaker (never raises: the crash is being
+    reported already). A breaker that cannot be imported is a warning and a ``GUARD_BROKEN``
+    breadcrumb, every time: the crash goes uncounted, and the user must know."""
     cls = getattr(error, "error_class", None)
     if cls is not None and cls.kind in _NOT_GPU_KINDS:
         return
     try:
         from metal_guard.breaker import CircuitBreaker
+    except Exception as exc:  # ImportError, or a module that fails while it executes
+        from metal_guard.breadcrumbs import breadcrumb_with_meta
 
+        breadcrumb_with_meta("GUARD_BROKEN", "metal_guard.breaker", error=type(exc).__name__)
+        log.warning("metal-guard safety layer metal_guard.breaker cannot be imported (%s); this "
+                    "worker crash is not counted toward the circuit breaker. The installation "
+                    "is broken: reinstall metal-guard.", f"{type(exc).__name__}: {exc}"[:300])
+        return
+    try:
         kind = f"worker_crash:{cls.name}" if cls is not None else "worker_crash"
         CircuitBreaker(auto_ingest=False).record_failure(kind, str(error), pid=pid)
-    except ImportError:
-        pass
     except Exception as exc:
         log.warning("could not record the crash with the circuit breaker: %s", exc)
 
@@ -153,7 +167,7 @@ def process_tree_footprint_bytes(pid: int) -> int | None:
     """
     read: Callable[[int], int | None]
     try:
-        from metal_guard.memory import process_footprint_bytes as read
+        from metal_guard.hardware import process_footprint_bytes as read
     except ImportError:
         read = _rss
     total = read(pid)

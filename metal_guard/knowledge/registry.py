@@ -52,7 +52,6 @@ __all__ = [
     "models_by_tier",
     "normalize_gpu_family",
     "resolve_model_ref",
-    "thaw",
     "warn_if_known_panic_model",
 ]
 

@@ -25,7 +25,10 @@ from metal_guard import (
     install,
     isolated_model,
     memory_stats,
+    mlx_exclusive_lock,
+    read_mlx_lock,
 )
+from metal_guard.lock import LockHolder
 
 
 def headroom_bytes() -> int | None:
@@ -56,6 +59,19 @@ def in_a_worker(model: str, prompt: str) -> str:
     with isolated_model(model, generate_timeout=60.0) as runner:
         text: str = runner.generate(prompt, max_tokens=32)
     return text
+
+
+def lock_holder_pid() -> int | None:
+    holder: LockHolder | None = read_mlx_lock()
+    if holder is None or not holder.verified:
+        return None
+    return holder.pid
+
+
+def under_the_lock(label: str) -> bool:
+    with mlx_exclusive_lock(label, timeout=5.0) as info:
+        took: bool = info.acquired
+        return took and info.lock_path is not None
 
 
 def benchmark(model: str, run: Callable[[Any, Any], float]) -> float:
