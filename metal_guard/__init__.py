@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING, Any
 from metal_guard._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover - what type checkers and editors see; mirrors _EXPORTS
+    from metal_guard.adapter_registry import (
+        AdapterInfo,
+        register_adapter,
+    )
     from metal_guard.adapters.langchain import (
         MetalGuardCallbackHandler,
     )
@@ -109,11 +113,9 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and editors see; mirr
         recommended_config,
     )
     from metal_guard.installer import (
-        AdapterInfo,
         adapter_report,
         install,
         is_installed,
-        register_adapter,
         uninstall,
     )
     from metal_guard.instance import (
@@ -234,10 +236,8 @@ _export(
     "SubprocessTimeoutError", "WorkerError", "WorkerFailure",
 )
 _export("metal_guard.settings", "Settings", "get_settings")
-_export(
-    "metal_guard.installer", "install", "uninstall", "is_installed", "adapter_report",
-    "register_adapter", "AdapterInfo",
-)
+_export("metal_guard.installer", "install", "uninstall", "is_installed", "adapter_report")
+_export("metal_guard.adapter_registry", "register_adapter", "AdapterInfo")
 _export("metal_guard.guards", "guarded_generate", "guard_policy", "suppressed")
 _export("metal_guard.isolation.context", "isolated_model")
 _export("metal_guard.isolation.runner", "MLXSubprocessRunner")

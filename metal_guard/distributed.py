@@ -124,18 +124,19 @@ def _read_small_file(path: str) -> str | None:
     """The text of a launcher's temporary file: a regular file, no symlink, bounded size."""
     if not path or "\x00" in path:
         return None
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return None
-    try:
-        import stat
+    from metal_guard.storage import NotAStateFile, open_regular, read_fd
 
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TOPOLOGY_FILE_BYTES:
+    try:
+        opened = open_regular(path)
+    except (OSError, NotAStateFile):
+        return None
+    if opened is None:
+        return None
+    fd, st = opened
+    try:
+        if st.st_size > MAX_TOPOLOGY_FILE_BYTES:
             return None
-        data = os.read(fd, MAX_TOPOLOGY_FILE_BYTES + 1)
+        data = read_fd(fd, MAX_TOPOLOGY_FILE_BYTES + 1)
     except OSError:
         return None
     finally:

@@ -11,6 +11,7 @@ adapter still guards whatever targets exist — never worse than unguarded — b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -19,7 +20,8 @@ from typing import Any
 from metal_guard._results import ResultRecord
 
 __all__ = [
-    "AdapterState", "AdapterStatus", "InstallReport", "check_requirements", "distribution_version",
+    "AdapterState", "AdapterStatus", "InstallReport", "announce_line", "check_requirements",
+    "distribution_version",
 ]
 
 
@@ -124,3 +126,18 @@ def check_requirements(requires: Iterable[str]) -> tuple[dict[str, str | None], 
         if not ok:
             untested.append(f"untested {req.name} {found} (written for {req.name}{req.specifier})")
     return versions, untested
+
+
+def announce_line(name: str, report: InstallReport, pid: int | None = None) -> str:
+    """The one line ``METALGUARD_ANNOUNCE=1`` writes when adapter ``name`` is the first to patch."""
+    from metal_guard._version import __version__
+
+    entry = report.adapters[name]
+    armed = [n for n, a in report.adapters.items()
+             if n != name and a.state not in (AdapterState.DISABLED, AdapterState.FAILED)]
+    state = "" if entry.state == AdapterState.PATCHED else f" ({entry.state}: {entry.reason})"
+    line = (f"metal-guard {__version__} (pid {os.getpid() if pid is None else pid}): guarding "
+            f"{name}{state} - {entry.summary}")
+    if armed:
+        line += "; also armed: " + ", ".join(armed)
+    return line + " [silence: metal-guard run -q / METALGUARD_ANNOUNCE=0]"

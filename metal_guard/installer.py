@@ -1,4 +1,8 @@
-"""``install()`` / ``uninstall()`` / ``is_installed()`` / ``adapter_report()`` and the adapter registry.
+"""``install()`` / ``uninstall()`` / ``is_installed()`` / ``adapter_report()``.
+
+The adapters it can install are rows of :mod:`metal_guard.adapter_registry` (re-exported
+here); the alias sweep is :mod:`metal_guard._alias_sweep`; the report and its announce line are
+:mod:`metal_guard.install_report`.
 
 ``install()`` registers post-import hooks (:mod:`metal_guard._import_hooks`, stdlib only) on the
 modules that *define* each adapter's targets, so it works before or after the user's imports:
@@ -36,11 +40,20 @@ from types import ModuleType
 from typing import Any
 
 from metal_guard import _import_hooks
-from metal_guard.errors import AdapterError, SettingsError
+from metal_guard._alias_sweep import sweep
+from metal_guard.adapter_registry import (
+    REGISTRY,
+    AdapterInfo,
+    normalise_names,
+    register_adapter,
+    select_adapters,
+)
+from metal_guard.errors import AdapterError
 from metal_guard.install_report import (
     AdapterState,
     AdapterStatus,
     InstallReport,
+    announce_line,
     check_requirements,
 )
 
@@ -55,53 +68,6 @@ PENDING, PATCHED, DEGRADED, FAILED, DISABLED = (
     AdapterState.PENDING, AdapterState.PATCHED, AdapterState.DEGRADED, AdapterState.FAILED,
     AdapterState.DISABLED,
 )
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """A registry row. ``triggers`` are the modules that define the adapter's targets (its
-    ``TARGETS[i].module``); ``packages`` bound the alias sweep."""
-
-    name: str
-    module: str
-    triggers: tuple[str, ...]
-    packages: tuple[str, ...]
-    summary: str = ""
-    #: What this adapter knowingly does not guard (shown by ``adapter_report()`` and doctor).
-    limitations: tuple[str, ...] = ()
-
-
-#: The adapters metal-guard ships. Add a row (or call :func:`register_adapter`) for a new one.
-REGISTRY: dict[str, AdapterInfo] = {
-    info.name: info
-    for info in (
-        AdapterInfo("mlx_lm", "metal_guard.adapters.mlx_lm", ("mlx_lm.utils", "mlx_lm.generate"),
-                    ("mlx_lm",), "mlx_lm load / generate / stream_generate / batch generation"),
-        AdapterInfo("mlx_lm_server", "metal_guard.adapters.mlx_lm_server", ("mlx_lm.server",),
-                    ("mlx_lm",), "mlx_lm.server model switching, 503 on OOM, status routes"),
-        AdapterInfo("mlx_vlm", "metal_guard.adapters.mlx_vlm",
-                    ("mlx_vlm.utils", "mlx_vlm.generate.dispatch"), ("mlx_vlm",),
-                    "mlx_vlm load / generate / stream_generate"),
-        AdapterInfo("mlx_vlm_server", "metal_guard.adapters.mlx_vlm_server",
-                    ("mlx_vlm.server.generation", "mlx_vlm.server.app"), ("mlx_vlm",),
-                    "mlx_vlm.server status routes, 503 on OOM (non-streaming)",
-                    ("SSE streams: an OOM after the first byte keeps mlx_vlm's own error event (no 503)",
-                     "the continuous-batching generation thread is not supervised or restarted",
-                     "model switches are guarded by the mlx_vlm load policy, without a switch-time "
-                     "cadence wait")),
-        AdapterInfo("langchain", "metal_guard.adapters.langchain",
-                    ("langchain_community.llms.mlx_pipeline", "langchain_community.chat_models.mlx",
-                     "langchain_core.callbacks.manager"),
-                    ("langchain_community",), "LangChain MLXPipeline / ChatMLX + callback handler"),
-    )
-}
-
-
-def register_adapter(info: AdapterInfo, *, replace: bool = False) -> None:
-    """Add an adapter to the registry (takes effect at the next ``install()``)."""
-    if info.name in REGISTRY and not replace:
-        raise ValueError(f"adapter {info.name!r} is already registered")
-    REGISTRY[info.name] = info
 
 
 # --------------------------------------------------------------------------- state
@@ -221,7 +187,7 @@ def uninstall() -> bool:
 
                 unwrap_site(site.owner, site.path, site.handle)
         if guards:
-            _sweep(guards, None)
+            sweep(guards, None)
     for ad in state.adapters.values():
         if ad.state in (PATCHED, DEGRADED):
             _call_adapter_hook(ad.info, "on_unpatched")
@@ -266,29 +232,6 @@ def adapter_report() -> InstallReport:
 # --------------------------------------------------------------------------- install
 
 
-def _selection(settings: Any, explicit: bool) -> tuple[list[str], list[str]]:
-    known = set(REGISTRY)
-    requested = set(settings.adapters) if settings.adapters is not None else known
-    disabled = set(settings.disabled_adapters)
-    for label, names in (("adapters", requested), ("disabled_adapters", disabled - {"*"})):
-        unknown = names - known
-        if unknown:
-            raise SettingsError(label if explicit else f"METALGUARD_{label.upper()}",
-                                ",".join(sorted(unknown)), "adapter names among " + ", ".join(sorted(known)))
-    if "*" in disabled:
-        disabled = known
-    enabled = [n for n in REGISTRY if n in requested and n not in disabled]
-    return enabled, [n for n in REGISTRY if n not in enabled]
-
-
-def _norm(names: Iterable[str] | None) -> frozenset[str] | None:
-    if names is None:
-        return None
-    if isinstance(names, str):
-        names = names.split(",")
-    return frozenset(n.strip().lower().replace("-", "_") for n in names if n.strip())
-
-
 def _install(source: str, adapters: Iterable[str] | None, disabled_adapters: Iterable[str] | None,
              strict: bool | None, rebind_aliases: bool | None,
              policy_kw: dict[str, Any]) -> InstallReport:
@@ -302,7 +245,8 @@ def _install(source: str, adapters: Iterable[str] | None, disabled_adapters: Ite
         if flag is not None and not isinstance(flag, bool):
             raise TypeError(f"install(): {key} must be True or False, not {flag!r}")
     own: dict[str, Any] = {}
-    for key, value in (("adapters", _norm(adapters)), ("disabled_adapters", _norm(disabled_adapters)),
+    for key, value in (("adapters", normalise_names(adapters)),
+                       ("disabled_adapters", normalise_names(disabled_adapters)),
                        ("strict", strict), ("rebind_aliases", rebind_aliases)):
         if value is not None:
             own[key] = value
@@ -312,7 +256,7 @@ def _install(source: str, adapters: Iterable[str] | None, disabled_adapters: Ite
         _last_skip = "kill switch METALGUARD_DISABLED=1: nothing installed"
         log.info("metal-guard: %s", _last_skip)
         return adapter_report()
-    enabled, disabled = _selection(settings, explicit=adapters is not None or disabled_adapters is not None)
+    enabled, disabled = select_adapters(settings, explicit=adapters is not None or disabled_adapters is not None)
     with _lock:
         if _state is not None:
             if options and options != _state.options:
@@ -407,9 +351,9 @@ def _on_import(name: str, gen: int, module: ModuleType) -> None:
             if created:
                 fresh[id(guard.__wrapped__)] = (guard.__wrapped__, guard)
         if fresh:
-            ad.aliases.extend(_sweep(fresh, info.packages))
+            ad.aliases.extend(sweep(fresh, info.packages))
             if rebind:
-                ad.aliases.extend(_sweep(fresh, None))
+                ad.aliases.extend(sweep(fresh, None))
         ad.missing.extend(m for m in missing if m not in ad.missing)
         if ad.missing or ad.untested:
             ad.state, ad.reason = DEGRADED, ad.degraded_reason()
@@ -429,21 +373,6 @@ def _on_import(name: str, gen: int, module: ModuleType) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     _call_adapter_hook(info, "on_patched", module)
     _announce(name, gen)
-
-
-def announce_line(name: str, report: InstallReport, pid: int | None = None) -> str:
-    """The one line ``METALGUARD_ANNOUNCE=1`` writes when adapter ``name`` is the first to patch."""
-    from metal_guard._version import __version__
-
-    entry = report.adapters[name]
-    armed = [n for n, a in report.adapters.items()
-             if n != name and a.state not in (DISABLED, FAILED)]
-    state = "" if entry.state == PATCHED else f" ({entry.state}: {entry.reason})"
-    line = (f"metal-guard {__version__} (pid {os.getpid() if pid is None else pid}): guarding "
-            f"{name}{state} - {entry.summary}")
-    if armed:
-        line += "; also armed: " + ", ".join(armed)
-    return line + " [silence: metal-guard run -q / METALGUARD_ANNOUNCE=0]"
 
 
 def _announce(name: str, gen: int) -> None:
@@ -486,37 +415,3 @@ def _call_adapter_hook(info: AdapterInfo, hook: str, *args: Any) -> None:
         fn(*args)
     except Exception as exc:
         log.warning("adapter %s %s failed: %s", info.name, hook, exc)
-
-
-_SKIP_PREFIXES = ("metal_guard", "wrapt", "_metal_guard_boot")
-
-
-def _sweep(pairs: dict[int, tuple[Any, Any]], packages: tuple[str, ...] | None) -> list[str]:
-    """Rebind module globals that are (``is``) a key object to its replacement.
-
-    ``pairs`` maps ``id(old) -> (old, new)``. ``packages`` limits the sweep to those packages
-    and their submodules; ``None`` sweeps every module (user aliases).
-    """
-    rebound: list[str] = []
-    prefixes = tuple(p + "." for p in packages) if packages is not None else ()
-    for mod_name, module in list(sys.modules.items()):
-        if not isinstance(module, ModuleType):
-            continue
-        if packages is not None:
-            if mod_name not in packages and not mod_name.startswith(prefixes):
-                continue
-        elif mod_name.startswith(_SKIP_PREFIXES):
-            continue
-        try:
-            namespace = vars(module)
-        except TypeError:
-            continue
-        for key, value in list(namespace.items()):
-            pair = pairs.get(id(value))
-            if pair is not None and pair[0] is value:
-                try:
-                    setattr(module, key, pair[1])
-                except (AttributeError, TypeError):
-                    continue
-                rebound.append(f"{mod_name}:{key}")
-    return rebound

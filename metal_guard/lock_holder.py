@@ -277,7 +277,7 @@ def probe_free(path: Path) -> bool | None:
     except ImportError:  # pragma: no cover - non-Unix
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = storage.open_nofollow(path)
     except FileNotFoundError:
         return True
     except OSError as exc:

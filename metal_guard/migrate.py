@@ -31,13 +31,11 @@ The old location is ``METALGUARD_LEGACY_DIR`` (default ``~/.cache/metal-guard``)
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import os
 import re
-import stat
 import threading
 import time
 from datetime import UTC, datetime
@@ -45,6 +43,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from metal_guard import storage
 from metal_guard.settings import Settings, settings_or_current
 
 log = logging.getLogger("metal_guard.migrate")
@@ -105,26 +104,13 @@ def legacy_paths(settings: Settings | None = None) -> tuple[Path, Path]:
 
 def _open_regular(path: Path) -> int | None:
     """An fd on ``path`` if it is our user's regular file; ``None`` if it does not exist."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    flags |= getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
+        opened = storage.open_regular(path, owner=os.getuid() if hasattr(os, "getuid") else None)
+    except storage.NotAStateFile as exc:
+        raise _Skip(f"{exc} (not followed)" if "symbolic link" in str(exc) else str(exc)) from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _Skip("is a symbolic link (not followed)") from None
         raise _Skip(f"cannot be opened: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _Skip("is not a regular file")
-        if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            raise _Skip(f"belongs to uid {st.st_uid}, not to this user")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return None if opened is None else opened[0]
 
 
 def _read_bounded(path: Path, max_bytes: int, *, tail: bool = False) -> bytes | None:
@@ -134,19 +120,9 @@ def _read_bounded(path: Path, max_bytes: int, *, tail: bool = False) -> bytes | 
         return None
     try:
         size = os.fstat(fd).st_size
-        if size > max_bytes:
-            if not tail:
-                raise _Skip(f"is larger than {max_bytes} bytes")
-            os.lseek(fd, size - max_bytes, os.SEEK_SET)
-        chunks: list[bytes] = []
-        remaining = max_bytes
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 16))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
+        if size > max_bytes and not tail:
+            raise _Skip(f"is larger than {max_bytes} bytes")
+        data = storage.read_fd(fd, max_bytes, offset=max(0, size - max_bytes))
         if tail and size > max_bytes:
             data = data.split(b"\n", 1)[1] if b"\n" in data else b""  # drop the partial line
         return data
@@ -236,7 +212,7 @@ def _take_breaker(s: Settings, legacy: Path, now: float) -> dict[str, Any] | Non
     window = _number(data.get("window_sec"))
     threshold = _number(data.get("threshold"))
 
-    from metal_guard import breaker, storage
+    from metal_guard import breaker
 
     def apply(state: dict[str, Any]) -> None:
         current = _number(state.get("cooldown_until"))
@@ -272,7 +248,7 @@ def _take_cadence(s: Settings, legacy: Path, now: float) -> dict[str, Any] | Non
         entries[model] = min(ts, now)
     newest = dict(sorted(entries.items(), key=lambda kv: kv[1], reverse=True)[:MAX_CADENCE_ENTRIES])
     if newest:
-        from metal_guard import cadence, storage
+        from metal_guard import cadence
 
         def apply(state: dict[str, Any]) -> None:
             for model, ts in newest.items():
@@ -381,8 +357,6 @@ def import_legacy_state(
     reported in ``warnings`` and do not stop the others. May raise on our own I/O failures
     (use :func:`ensure_imported`, which never raises).
     """
-    from metal_guard import storage
-
     s = settings_or_current(settings)
     at = time.time() if now is None else float(now)
     legacy, ack = legacy_paths(s)

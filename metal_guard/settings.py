@@ -1,9 +1,11 @@
 """The one place that reads the environment.
 
 :func:`get_settings` builds a frozen :class:`Settings` from keyword overrides, then
-``METALGUARD_*`` / ``MLX_*`` environment variables, then defaults, every time it is called:
+``METALGUARD_*`` / ``MLX_*`` environment variables, then defaults, when it is called:
 nothing is frozen at import, so a test or an operator can change the environment and the
-next call sees it. Every variable is parsed and validated here; a bad value raises
+next call sees it. The common call (no arguments) is answered from memory while the raw
+text of every variable it reads is unchanged, which costs a couple of microseconds instead
+of the ~60 us of a full parse. Every variable is parsed and validated here; a bad value raises
 :class:`~metal_guard.errors.SettingsError` naming the variable and the accepted form, except
 the few variables documented (in ``docs/configuration.md``) as falling back with a warning.
 """
@@ -479,18 +481,14 @@ class Settings:
         """Durable state: lock, breaker, cadence, ledger, breadcrumbs, ack, sentinel."""
         if self.home is not None:
             return self.home / "state"
-        import platformdirs
-
-        return Path(platformdirs.user_state_dir(APP_NAME, appauthor=False))
+        return _platform_dir("state")
 
     @property
     def cache_dir(self) -> Path:
         """Disposable data: status.json, the demo model."""
         if self.home is not None:
             return self.home / "cache"
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+        return _platform_dir("cache")
 
     @property
     def report_dirs(self) -> tuple[Path, ...]:
@@ -524,6 +522,29 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+#: What platformdirs reads to place the user state and cache directories (macOS: the home
+#: directory; Linux: the XDG variables, else the home directory).
+_PLATFORM_ENV = ("HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME")
+_platform_dirs: dict[tuple[str | None, ...], Path] = {}
+
+
+def _platform_dir(kind: str) -> Path:
+    """platformdirs' user state or cache directory of metal-guard, remembered per value of
+    the variables it depends on (one platformdirs call costs ~20 us, and a breadcrumb needs
+    five)."""
+    key = (kind, *map(os.environ.get, _PLATFORM_ENV))
+    found = _platform_dirs.get(key)
+    if found is None:
+        import platformdirs
+
+        where = platformdirs.user_state_dir if kind == "state" else platformdirs.user_cache_dir
+        found = Path(where(APP_NAME, appauthor=False))
+        if len(_platform_dirs) >= 16:  # a test suite that keeps changing HOME
+            _platform_dirs.clear()
+        _platform_dirs[key] = found
+    return found
+
+
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings)) - {"from_env"}
 
 
@@ -534,11 +555,72 @@ def get_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Sett
     :class:`SettingsError`. Overrides are taken as given (already typed), except that path
     overrides must be absolute too (``~`` is expanded). The kill switch
     ``METALGUARD_DISABLED=1`` in the environment wins over ``disabled=False`` in code.
+
+    The common call (no ``env``, no overrides) returns the same frozen object as long as the
+    raw text of every variable this module reads is unchanged (see :func:`_environ_snapshot`):
+    a change made through ``os.environ`` is seen by the next call, and an invalid value is
+    never remembered, so it raises again on every call.
     """
+    global _last
+    if env is None and not overrides:
+        snapshot = _environ_snapshot()
+        last = _last
+        if last is not None and last[0] == snapshot:
+            return last[1]
+        settings = _resolve(_snapshot_env(snapshot), {})
+        if _environ_snapshot() == snapshot:  # unchanged while we parsed: safe to remember
+            _last = (snapshot, settings)
+        return settings
+    return _resolve(os.environ if env is None else env, overrides)
+
+
+#: Variables outside the table that change how a value parses: ``~`` in a path expands
+#: with ``HOME``.
+_ALSO_READ = ("HOME",)
+_READ_NAMES = (*(v.env for v in VARIABLES), *_ALSO_READ)
+_encoded_names: tuple[Any, tuple[bytes, ...]] | None = None
+#: ``(snapshot, settings)`` of the last common call (replaced whole, never mutated).
+_last: tuple[tuple[Any, ...], Settings] | None = None
+
+
+def _environ_snapshot() -> tuple[Any, ...]:
+    """The raw value (or ``None``) of every variable :func:`get_settings` reads, in
+    :data:`_READ_NAMES` order: the cache key of the common call.
+
+    ``os.environ.get`` costs about a microsecond per absent name (it raises and catches a
+    ``KeyError``), so for the standard ``os._Environ`` the values are looked up as bytes in
+    the dict behind it, which is what ``os.environ[...] = ...``, ``del os.environ[...]`` and
+    ``monkeypatch.setenv`` update. Any other object in ``os.environ`` is read through
+    ``.get``. A value changed only with ``os.putenv`` is invisible either way, as it is to
+    ``os.environ`` itself.
+    """
+    global _encoded_names
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if type(environ) is os._Environ and type(data) is dict:
+        encode: Any = environ.encodekey  # a plain function stored on the instance
+        names = _encoded_names
+        if names is None or names[0] is not encode:
+            names = _encoded_names = (encode, tuple(encode(name) for name in _READ_NAMES))
+        return tuple(map(data.get, names[1]))
+    return tuple(map(environ.get, _READ_NAMES))
+
+
+def _snapshot_env(snapshot: tuple[Any, ...]) -> dict[str, str]:
+    """The variables present in ``snapshot`` as text, exactly as ``os.environ`` decodes them."""
+    decode = getattr(os.environ, "decodevalue", None)
+    env: dict[str, str] = {}
+    for name, raw in zip(_READ_NAMES, snapshot, strict=True):
+        if raw is None:
+            continue
+        env[name] = decode(raw) if isinstance(raw, bytes) and decode is not None else raw
+    return env
+
+
+def _resolve(source: Mapping[str, str], overrides: dict[str, Any]) -> Settings:
     unknown = set(overrides) - _FIELD_NAMES
     if unknown:
         raise TypeError(f"unknown metal-guard setting(s): {', '.join(sorted(unknown))}")
-    source = os.environ if env is None else env
     values: dict[str, Any] = {}
     from_env: set[str] = set()
     for var in VARIABLES:

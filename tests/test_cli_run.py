@@ -77,14 +77,8 @@ def test_a_venv_bin_dir_goes_first_on_the_childs_path() -> None:
 
 def test_announce_line_names_version_pid_and_adapters() -> None:
     from metal_guard._version import __version__
-    from metal_guard.install_report import AdapterStatus, InstallReport
-    from metal_guard.installer import (
-        DEGRADED,
-        DISABLED,
-        PATCHED,
-        PENDING,
-        announce_line,
-    )
+    from metal_guard.install_report import AdapterStatus, InstallReport, announce_line
+    from metal_guard.installer import DEGRADED, DISABLED, PATCHED, PENDING
 
     def report(first: AdapterStatus) -> InstallReport:
         return InstallReport(True, 1, "code", {}, [], "", {

@@ -32,6 +32,7 @@ from server_support import Server, module_server
 
 from metal_guard import installer as mg
 from metal_guard.adapters import mlx_lm_server as adapter
+from metal_guard.adapters._server_recovery import recover
 from metal_guard.adapters._server_state import (
     ServerState,
     TrackedQueue,
@@ -152,7 +153,7 @@ def test_oom_record_and_cleanup_come_before_the_503() -> None:
     done = TrackedQueue(Inbox(), state)
     state.track(done)
     done.put(None)  # finished before the OOM: not answered again
-    adapter._recover(None, state, RuntimeError(adapter.SIMULATED_OOM))
+    recover(None, state, RuntimeError(adapter.SIMULATED_OOM))
     for inbox in inboxes:
         assert len(inbox.items) == 1 and "Metal OOM" in str(inbox.items[0])
         crumbs = inbox.seen_at_delivery[0]

@@ -15,6 +15,12 @@ metal-guard reads its configuration in one place (`metal_guard/settings.py`), at
 keyword arguments beat environment variables, which beat the defaults below. The one exception
 is the kill switch: `METALGUARD_DISABLED=1` in the environment wins over code.
 
+A change of the environment at run time (`os.environ[...] = ...`, `del os.environ[...]`,
+`monkeypatch.setenv`) takes effect at the next call. `get_settings()` without arguments answers
+from memory while the raw text of every variable it reads (and `HOME`, which `~` expands to) is
+unchanged; a value that does not parse is never remembered and raises on every call. A change
+made only with `os.putenv` is not seen, as `os.environ` does not see it either.
+
 A bad value raises `metal_guard.SettingsError` naming the variable and the accepted form (the
 CLI turns that into exit code 64); the message repeats at most the first 80 characters of the
 value. The single documented fallback is `METALGUARD_MODE`: an unknown mode logs a warning

@@ -20,6 +20,7 @@ model differs from the loaded one)                 resolvable, policies, *then* 
                                                    cannot go on: not ready, queued and in-flight
                                                    requests answered, and the process exits with
                                                    :data:`EXIT_SERVER_GAVE_UP` if we own it
+                                                   (:mod:`._server_recovery`)
 ``ResponseGenerator._next_request``                readiness, keep-alive expiry (request tracking
                                                    only when the queue could not be made to)
 ``ResponseGenerator._serve_single``                after an OOM on the sequential path: prompt
@@ -42,10 +43,7 @@ Generation itself (``stream_generate``, ``BatchGenerator.insert`` / ``insert_seg
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
-import time
 import traceback
 import weakref
 from typing import Any
@@ -53,10 +51,10 @@ from typing import Any
 from metal_guard.adapters import _server_http as http
 from metal_guard.adapters import _server_keepalive as keepalive
 from metal_guard.adapters import _server_switch as switch
+from metal_guard.adapters._server_recovery import EXIT_SERVER_GAVE_UP, give_up, recover
 from metal_guard.adapters._server_state import (
     ServerState,
     TrackedQueue,
-    reject_queued,
     request_local,
     track_requests,
 )
@@ -71,13 +69,6 @@ log = logging.getLogger("metal_guard.adapters.mlx_lm_server")
 #: At most this many OOM restarts of the batched loop within :data:`RECOVERY_WINDOW_SEC`.
 MAX_RECOVERIES = 10
 RECOVERY_WINDOW_SEC = 60.0
-#: Exit code of a server process that gave up (generation can no longer make progress): a
-#: supervisor (launchd ``KeepAlive``/``SuccessfulExit=false``, systemd ``Restart=on-failure``)
-#: restarts it. Same value as ``metal_guard.cli.EXIT_SERVER_GAVE_UP`` (EX_UNAVAILABLE).
-EXIT_SERVER_GAVE_UP = 69
-#: After giving up: how long in-flight answers may take before the process exits anyway.
-EXIT_DRAIN_SEC = 10.0
-EXIT_GRACE_SEC = 5.0
 #: What the test fault raises: the exact MLX 0.32 text of a Metal command-buffer OOM.
 SIMULATED_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
                  "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory).")
@@ -109,87 +100,6 @@ def _apply_prompt_cache_cap(generator: Any) -> None:
     log.info("mlx_lm.server prompt cache capped at %d bytes", cache.max_bytes)
 
 
-def _public_error(exc: BaseException) -> BaseException:
-    """A traceback-free OOM error for the waiting requests (the original's frames hold the
-    dead batch's KV caches)."""
-    from metal_guard.errors import MetalOOMError
-
-    return MetalOOMError(f"Metal OOM while generating; the request was dropped and memory released: "
-                         f"{str(exc)[:300]}",
-                         error_class=getattr(exc, "error_class", None))
-
-
-def _fail(queues: list[Any], error: BaseException) -> int:
-    answered = 0
-    for queue in queues:
-        try:
-            queue.put(error)
-            answered += 1
-        except Exception as err:
-            log.debug("could not fail a request: %s", err)
-    return answered
-
-
-def _recover(generator: Any, state: ServerState, exc: BaseException) -> None:
-    """After an OOM in the batched loop: release memory, write the record, *then* answer the
-    requests in flight — a client that got its 503 finds the breadcrumb, the counters and the
-    freed memory already there (and its retry does not race the release)."""
-    live = state.live_requests()  # strong references, before the dead frames are cleared
-    error = _public_error(exc)
-    if exc.__traceback__ is not None:
-        traceback.clear_frames(exc.__traceback__)
-    switch.drop_prompt_cache(generator)
-    switch.release_memory()
-    _crumb("SERVER_OOM_RECOVERED", str(exc)[:200], answered_503=len(live))
-    answered = _fail(live, error)
-    log.warning("mlx_lm.server: Metal OOM in the batched generation loop; %d request(s) in "
-                "flight answered 503, memory released, generation loop restarted", answered)
-
-
-def _give_up(generator: Any, state: ServerState, exc: BaseException, why: str) -> None:
-    """The generation thread stops for good: not ready, in-flight requests answered, and — when
-    this process is the server (``mlx_lm.server.run``) — exit with :data:`EXIT_SERVER_GAVE_UP`."""
-    with state.lock:
-        state.phase, state.reason, state.wait_until = "gave_up", "generation_unavailable", None
-    error = _public_error(exc) if http.is_oom(exc) else RuntimeError("generation thread died")
-    live = state.live_requests()
-    exits = state.owns_process
-    _crumb("SERVER_GAVE_UP", why[:200], answered_503=len(live),
-           exit_code=EXIT_SERVER_GAVE_UP if exits else "-")
-    log.error("mlx_lm.server: %s; the generation thread stops (%d request(s) in flight answered "
-              "503)%s", why, len(live),
-              f"; the process exits with code {EXIT_SERVER_GAVE_UP} so a supervisor restarts it"
-              if exits else "")
-    _fail(live, error)
-    # queued, never taken: answered now rather than when the handler notices the dead thread
-    reject_queued(generator, lambda: http.NotReady(
-        "generation_unavailable", http.UNAVAILABLE_RETRY_AFTER_SEC, "gave_up"))
-    if exits:
-        threading.Thread(target=_exit_when_drained, args=(generator, state),
-                         name="metal-guard-server-exit", daemon=True).start()
-
-
-def _exit_when_drained(generator: Any, state: ServerState) -> None:
-    import _thread as low
-
-    try:
-        generator.join()
-    except Exception as exc:
-        log.debug("join of the generation thread failed: %s", exc)
-    deadline = time.monotonic() + EXIT_DRAIN_SEC
-    while state.active_handlers and time.monotonic() < deadline:
-        time.sleep(0.05)
-    log.error("mlx_lm.server: exiting with code %d (gave up)", EXIT_SERVER_GAVE_UP)
-    low.interrupt_main()  # serve_forever returns; the ``run`` wrapper exits with the code
-    time.sleep(EXIT_GRACE_SEC)
-    for stream in (sys.stdout, sys.stderr):  # SIGINT ignored (e.g. started with ``&``): hard exit
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(EXIT_SERVER_GAVE_UP)
-
-
 def _supervise_generate(wrapped: Any, generator: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     provider = getattr(generator, "model_provider", None)
     if provider is None:
@@ -215,13 +125,13 @@ def _supervise_generate(wrapped: Any, generator: Any, args: tuple[Any, ...], kwa
             if http.is_oom(exc):
                 state.note_oom(exc, "batched")
                 if state.may_recover(MAX_RECOVERIES, RECOVERY_WINDOW_SEC):
-                    _recover(generator, state, exc)
+                    recover(generator, state, exc)
                     _thread.restarting = True
                     continue
                 why = f"{MAX_RECOVERIES} OOM recoveries within {RECOVERY_WINDOW_SEC:.0f} s"
             else:
                 why = f"the generation loop failed: {type(exc).__name__}: {str(exc)[:200]}"
-            _give_up(generator, state, exc, why)
+            give_up(generator, state, exc, why)
             raise
 
 

@@ -110,8 +110,10 @@ def lock_probe_problem(path: Path) -> str | None:
         return f"{path} is a symbolic link"
     if not stat.S_ISREG(st.st_mode):
         return f"{path} is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'}"
+    from metal_guard.storage import open_nofollow
+
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = open_nofollow(path)
     except OSError as exc:
         return f"cannot open {path}: {exc.strerror or exc}"
     os.close(fd)

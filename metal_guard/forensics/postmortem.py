@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import stat
 import time
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from metal_guard.clock import utc_iso as _iso
 from metal_guard.forensics.records import PanicRecord
-from metal_guard.forensics.safefs import BundleDir, UnsafePathError, read_fd
+from metal_guard.forensics.safefs import BundleDir, UnsafePathError
+from metal_guard.storage import read_bytes_capped
 
 if TYPE_CHECKING:
     from metal_guard.forensics.listing import Candidate, RootFds
@@ -267,18 +267,13 @@ def _collect(bundle: BundleDir, settings: Any, now_ts: float, hours: float, max_
 
 
 def _read_tail(path: Path, max_bytes: int) -> bytes:
-    """The last ``max_bytes`` of a regular file (from a line start), without following a link."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        start = max(0, st.st_size - max_bytes)
-        os.lseek(fd, start, os.SEEK_SET)
-        data = read_fd(fd, max_bytes)
-        if start > 0:
-            data = data.partition(b"\n")[2]
-        return data
-    finally:
-        os.close(fd)
+    """The last ``max_bytes`` of a regular file (from a line start), without following a link.
+
+    ``FileNotFoundError`` when it is missing, ``ValueError`` when it is not a regular file,
+    ``OSError`` when it cannot be read.
+    """
+    got = read_bytes_capped(path, max_bytes, tail=True)
+    if got is None:
+        raise FileNotFoundError(path)
+    data, cut = got
+    return data.partition(b"\n")[2] if cut else data

@@ -41,8 +41,9 @@ from metal_guard.forensics.listing import (
     iter_report_candidates,
 )
 from metal_guard.forensics.records import KERNEL_PANIC, PanicRecord
-from metal_guard.forensics.safefs import UnsafePathError, open_beneath, read_fd
+from metal_guard.forensics.safefs import UnsafePathError, open_beneath
 from metal_guard.forensics.scancache import ScanCache
+from metal_guard.storage import open_nofollow, read_fd
 
 if TYPE_CHECKING:  # the parsers are imported on first use: the gate often needs none
     from metal_guard.forensics.formats import ParsedReport
@@ -96,8 +97,7 @@ def read_report_bytes(
     if beneath is not None:
         fd = open_beneath(beneath[0], beneath[1])
     else:
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+        fd = open_nofollow(path)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -22,12 +22,13 @@ import os
 import stat
 from pathlib import Path
 
+from metal_guard.storage import open_nofollow, read_fd
+
 __all__ = ["BundleDir", "UnsafePathError", "open_beneath", "read_fd"]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS = os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC
 #: The marker file that identifies an earlier bundle (an existing non-empty OUTDIR must have it).
 BUNDLE_MARKER = "postmortem.json"
@@ -58,23 +59,10 @@ def open_beneath(dir_fd: int, rel: str, flags: int = os.O_RDONLY) -> int:
         for part in parts[:-1]:
             current = os.open(part, _DIR_FLAGS, dir_fd=current)
             opened.append(current)
-        return os.open(parts[-1], flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, dir_fd=current)
+        return open_nofollow(parts[-1], flags, dir_fd=current)
     finally:
         for fd in opened:
             os.close(fd)
-
-
-def read_fd(fd: int, max_bytes: int) -> bytes:
-    """Read at most ``max_bytes`` from ``fd`` (from its current offset)."""
-    chunks: list[bytes] = []
-    remaining = max(0, int(max_bytes))
-    while remaining > 0:
-        chunk = os.read(fd, min(remaining, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -68,11 +68,10 @@ class LogSink:
 
     def _open(self) -> BinaryIO:
         if self._fh is None:
-            from metal_guard.storage import FILE_MODE, ensure_dir
+            from metal_guard.storage import ensure_dir, open_nofollow
 
             ensure_dir(self.path.parent)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(self.path, flags, FILE_MODE)
+            fd = open_nofollow(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             self._fh = os.fdopen(fd, "ab", buffering=0)
             self._size = os.fstat(fd).st_size
         return self._fh
