@@ -181,7 +181,9 @@ class FrontHandler(BaseHTTPRequestHandler):
             status, body = metrics.health(snap)
             self._json(status, body, retry_after=None if status == 200 else snap["retry_after_sec"])
         elif path == "/metal-guard/status":
-            self._json(200, metrics.status_payload(snap, self.server.listen, _breaker_status(), port))
+            payload = metrics.status_payload(snap, self.server.listen, _breaker_status(), port)
+            payload["front"]["idle_connection_threads"] = self.server.threads.idle
+            self._json(200, payload)
         else:
             self._send(200, metrics.metrics_text(snap, port).encode(),
                        "text/plain; version=0.0.4; charset=utf-8")
