@@ -193,9 +193,8 @@ class WorkerHandle:
 
 
 #: A new worker log: created here or not at all (a name planted in the log directory, a
-#: symlink included, is never opened), not inherited by other children.
-_NEW_LOG_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                  | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+#: symlink included, is never opened); storage adds no-follow and close-on-exec.
+_NEW_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
 
 
 def open_new_log(path: Path, mode: int) -> int:
@@ -204,7 +203,9 @@ def open_new_log(path: Path, mode: int) -> int:
     ``FileExistsError`` when anything (a file, a symlink) is already at ``path``: the name is
     random, so that is someone else's doing, and it is never followed or appended to.
     """
-    fd = os.open(path, _NEW_LOG_FLAGS, mode)
+    from metal_guard.storage import open_nofollow
+
+    fd = open_nofollow(path, _NEW_LOG_FLAGS, mode)
     try:
         os.fchmod(fd, mode)  # the umask may have removed bits; never more than ``mode``
     except BaseException:

@@ -94,7 +94,11 @@ def test_a_big_prompt_with_a_small_timeout_ends_in_the_timeout_and_the_worker_is
     elapsed = time.monotonic() - start
     err = info.value
     assert err.phase in ("tokenize", "prefill") and err.timeout == 2.0
-    assert "made no progress for 2.0s" in str(err) and "killed" in str(err)
+    # Which of the two bounds speaks depends on whether tokenising reported the prefill's
+    # start before the 2 s were up (it does on a fast box, not under load): both end here.
+    assert ("made no progress for 2.0s" in str(err)
+            or "did not finish the prompt prefill within 2.0s" in str(err)), str(err)
+    assert str(err).endswith("killed")
     assert _gone(pid)
     assert elapsed < GENEROUS
     # memory stayed bounded: nowhere near the multi-GB growth of a run-away prefill
