@@ -15,7 +15,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +32,6 @@ from metal_guard.adapters.mlx_lm_server import EXIT_SERVER_GAVE_UP, MAX_RECOVERI
 from metal_guard.cadence import CadenceGuard  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture
-def start_server() -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(model: Path, **over: Any) -> Server:
-        srv = Server(model, **over)
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.close()
 
 
 def test_restart_within_the_cadence_is_not_ready_and_answers_503_at_once(
