@@ -166,14 +166,16 @@ def test_health_and_metrics_answer_while_the_child_is_down(front: Front) -> None
     pid = front.child_pid()
     os.kill(pid, signal.SIGKILL)
     assert pid_gone(pid)
-    code, headers, body = front.get("/health")
+    # The front notices the death within moments; the next child then needs seconds to load,
+    # so the "down" answer is there to be seen (it was checked only if seen at the first look).
+    _code, headers, body = wait_for(lambda: (r := front.get("/health"))[0] == 503 and r,
+                                    interval=0.02, what="/health to answer 503 while down")
     health = json.loads(body)
-    if code == 503:  # almost always: the next child needs seconds to load
-        assert health["status"] == "starting" and "worker_killed" in health["reason"]
-        assert int(headers["Retry-After"]) >= 1
-        code, _, text = front.get("/metrics")
-        assert code == 200 and b"metalguard_serve_child_up 0" in text
-        assert b'error_class="worker_killed"' in text
+    assert health["status"] == "starting" and "worker_killed" in health["reason"]
+    assert int(headers["Retry-After"]) >= 1
+    code, _, text = front.get("/metrics")
+    assert code == 200 and b"metalguard_serve_child_up 0" in text
+    assert b'error_class="worker_killed"' in text
     until_200(front)
 
 
