@@ -15,8 +15,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:  # imported by the fixtures that use it (it imports mlx_lm.server)
+    from server_support import Server
 
 #: Read by the session fixtures below; deliberately not cleared by ``_isolated_home``.
 MODEL_CACHE_ENV = "METALGUARD_TEST_MODEL_CACHE"
@@ -69,6 +73,35 @@ def module_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     mp.setenv("HF_HUB_OFFLINE", "1")
     yield home
     mp.undo()
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., Server]]:
+    """``start_server(model, **server_args)``: a real in-process ``mlx_lm.server``
+    (``tests/server_support.py``); every one started is closed after the test."""
+    from server_support import Server
+
+    servers: list[Server] = []
+
+    def start(model: Path | None, **over: Any) -> Server:
+        srv = Server(model, **over)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+@pytest.fixture(scope="module")
+def shared_server(module_home: Path, tiny_model_path: Path) -> Iterator[Server]:
+    """One ready in-process ``mlx_lm.server`` for a whole test module (started under
+    metal-guard, which is uninstalled again; see ``server_support.module_server``)."""
+    from server_support import module_server
+
+    srv = module_server(tiny_model_path)
+    yield srv
+    srv.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,21 @@
-"""A real ``metal-guard serve`` front (subprocess) around the real ``mlx_lm.server``, for tests
-and benchmarks."""
+"""Real server processes for tests and benchmarks: ``metal-guard serve`` (the front) around the
+real ``mlx_lm.server``, and any other server command line on a free port."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from support import HttpClient, free_port, pid_gone, wait_for
+
+__all__ = ["READY_TIMEOUT_SEC", "Front", "ServerProcess", "free_port", "pid_gone", "serve_env"]
+
 READY_TIMEOUT_SEC = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def serve_env(home: Path, **extra: str) -> dict[str, str]:
@@ -33,53 +28,52 @@ def serve_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-class Front:
-    """``python -m metal_guard serve [opts] -- python -m mlx_lm.server --model M --port P``."""
+class ServerProcess(HttpClient):
+    """``command(port)`` started on a free 127.0.0.1 port, stdout and stderr to ``log_path``."""
 
-    def __init__(self, model: Path, log_path: Path, env: dict[str, str], *opts: str,
-                 server_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, command: Callable[[int], list[str]], log_path: Path,
+                 env: dict[str, str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "metal_guard", "serve", "--backoff", "0.05", *opts, "--",
-               sys.executable, "-m", "mlx_lm.server", "--model", str(model),
-               "--port", str(self.port), *server_args]
         self.log_path = log_path
         self.log = log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(command(self.port), stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env)
 
     def output(self) -> str:
         if not self.log.closed:
             self.log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
-    def get(self, path: str, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-        try:
-            with urllib.request.urlopen(self.base + path, timeout=timeout) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
-
     def status(self) -> dict[str, Any]:
         return dict(json.loads(self.get("/metal-guard/status")[2]))
 
-    def wait_ready(self, *, standby: bool = False, timeout: float = READY_TIMEOUT_SEC) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_ready(self, *, standby: bool = False,
+                   timeout: float = READY_TIMEOUT_SEC) -> dict[str, Any]:
+        """Wait until ``/health`` answers 200 (and, with ``standby``, reports the standby
+        ready); its JSON body. Fails at once if the process exits."""
+
+        def health() -> list[dict[str, Any]] | None:
             if self.proc.poll() is not None:
-                raise AssertionError(f"front exited {self.proc.returncode}:\n{self.output()}")
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
             try:
                 code, _, body = self.get("/health", timeout=5.0)
-            except OSError:
-                time.sleep(0.1)
-                continue
-            health = json.loads(body)
-            if code == 200 and (not standby or health.get("standby_ready")):
-                return dict(health)
-            time.sleep(0.05)
-        raise AssertionError(f"front not ready in {timeout}s:\n{self.output()}")
+            except OSError:  # not listening yet
+                return None
+            try:
+                answer = json.loads(body)
+            except ValueError:
+                answer = {}
+            if code == 200 and (not standby or answer.get("standby_ready")):
+                return [dict(answer)]
+            return None
 
-    def child_pid(self) -> int:
-        return int(self.wait_ready()["child_pid"])
+        try:
+            return dict(wait_for(health, timeout=timeout, what="the server's /health")[0])
+        except AssertionError as exc:
+            if self.proc.poll() is not None:
+                raise
+            raise AssertionError(f"{exc}:\n{self.output()}") from None
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
@@ -93,16 +87,17 @@ class Front:
         return self.proc.returncode
 
 
-def pid_gone(pid: int, timeout: float = 15.0) -> bool:
-    """True once ``pid`` no longer exists (or is a zombie) within ``timeout``."""
-    import psutil
+class Front(ServerProcess):
+    """``python -m metal_guard serve [opts] -- python -m mlx_lm.server --model M --port P``."""
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
+    def __init__(self, model: Path, log_path: Path, env: dict[str, str], *opts: str,
+                 server_args: tuple[str, ...] = ()) -> None:
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-m", "metal_guard", "serve", "--backoff", "0.05", *opts, "--",
+                    sys.executable, "-m", "mlx_lm.server", "--model", str(model),
+                    "--port", str(port), *server_args]
+
+        super().__init__(command, log_path, env)
+
+    def child_pid(self) -> int:
+        return int(self.wait_ready()["child_pid"])

@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mlx_lm import server
+from support import HttpClient, wait_for
 
 from metal_guard.adapters import _server_http as http
+
+__all__ = ["Outcome", "Server", "metric", "module_server", "queued_request", "server_args",
+           "wait_for"]
 
 
 def server_args(model: Path | None, **over: Any) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def server_args(model: Path | None, **over: Any) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-class Server:
+class Server(HttpClient):
     def __init__(self, model: Path | None, **over: Any) -> None:
         from http.server import ThreadingHTTPServer
 
@@ -48,21 +48,6 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
-
-    def request(self, path: str, body: dict[str, Any] | None = None,
-                timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
-
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        status, _headers, raw = self.request(path, body)
-        return status, json.loads(raw)
 
     def complete(self, prompt: str = "hello there", **extra: Any) -> tuple[int, dict[str, Any]]:
         return self.post("/v1/completions", {"prompt": prompt, "max_tokens": 4, **extra})
@@ -132,19 +117,6 @@ def queued_request(srv: Server, model: Path, prompt: str = "queued", max_tokens:
 
     threading.Thread(target=call, daemon=True).start()
     return outcome
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05,
-             what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy (generous timeout, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def metric(text: str, name: str) -> float | None:

@@ -15,7 +15,6 @@ import json
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,20 +24,6 @@ from server_support import Server, wait_for  # noqa: E402
 
 from metal_guard import installer as mg  # noqa: E402
 from metal_guard.adapters import _server_http as http  # noqa: E402
-
-
-@pytest.fixture
-def start_server() -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(model: Path, **over: Any) -> Server:
-        srv = Server(model, **over)
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.close()
 
 
 def _wait_at_rest(srv: Server) -> None:

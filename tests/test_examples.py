@@ -10,7 +10,6 @@ import json
 import os
 import plistlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 from report_factory import write_panic
+from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.e2e
 def run(*cmd: str | Path, timeout: float = 180.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=env if env is not None else dict(os.environ))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_every_example_has_a_test() -> None:

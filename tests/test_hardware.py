@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from macos_fakes import FIX, FakeMac, fixture
+from support import wait_for
 
 from metal_guard import hardware, macos
 
@@ -78,15 +79,8 @@ def test_own_footprint_is_real() -> None:
 def test_footprint_of_another_pid_and_a_dead_one() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
     try:
-        deadline_bytes = None
-        for _ in range(100):
-            deadline_bytes = hardware.process_footprint_bytes(child.pid)
-            if deadline_bytes and deadline_bytes > 64 << 20:
-                break
-            import time
-
-            time.sleep(0.05)
-        assert deadline_bytes is not None and deadline_bytes > 64 << 20
+        wait_for(lambda: (hardware.process_footprint_bytes(child.pid) or 0) > 64 << 20,
+                 what="the child's 64 MiB to show in its footprint")
     finally:
         child.kill()
         child.wait()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support import wait_for
 
 from metal_guard.errors import MLXLockConflict, WorkerError
 from metal_guard.isolation import (
@@ -164,10 +165,7 @@ def test_workers_are_shut_down_cleanly_at_interpreter_exit(tiny_model_path: Path
     pid_text, parent_imported_mlx = out.stdout.split()
     pid = int(pid_text)
     assert parent_imported_mlx == "False"
-    deadline = time.monotonic() + 2
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _gone(pid)
+    wait_for(lambda: _gone(pid), what=f"worker {pid} to exit after its parent")
     workers = Path(os.environ["METALGUARD_HOME"]) / "cache" / "workers"
     assert list(workers.glob("*.log")) == []  # clean exits leave no crash log behind
     assert "Traceback" not in out.stderr
@@ -180,10 +178,7 @@ def test_an_abandoned_runner_does_not_leak_its_worker(tiny_model_path: Path) -> 
     pid = runner.worker_pid
     del runner  # never shut down
     gc.collect()
-    deadline = time.monotonic() + 5
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _gone(pid)
+    wait_for(lambda: _gone(pid), what=f"the abandoned runner's worker {pid} to exit")
 
 
 def test_shutdown_with_a_stream_still_open(tiny_model_path: Path) -> None:

@@ -9,10 +9,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from support import GENEROUS_SEC, pid_gone, wait_for
 
 from metal_guard import breadcrumbs
 from metal_guard.errors import MetalOOMError, WorkerError
@@ -245,16 +245,8 @@ def test_signal_group_kills_the_workers_whole_group() -> None:
     grandchild = int(proc.stdout.readline())
     assert proc.stdout.readline().strip() == "ok"
     assert S.signal_group(proc.pid, signal.SIGKILL)
-    assert proc.wait(5) == -signal.SIGKILL
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            os.kill(grandchild, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.02)
-    else:
-        pytest.fail("the grandchild survived the process-group kill")
+    assert proc.wait(GENEROUS_SEC) == -signal.SIGKILL
+    assert pid_gone(grandchild), "the grandchild survived the process-group kill"
     assert not S.signal_group(proc.pid, signal.SIGKILL)  # reaped: nothing left to signal
 
 
@@ -262,35 +254,42 @@ def test_signal_group_never_signals_our_own_group() -> None:
     proc = _child("import time; print('ok', flush=True); time.sleep(60)", own_group=False)
     assert os.getpgid(proc.pid) == os.getpgrp()
     assert S.signal_group(proc.pid, signal.SIGTERM)  # must hit the child only: we are alive
-    assert proc.wait(5) == -signal.SIGTERM
+    assert proc.wait(GENEROUS_SEC) == -signal.SIGTERM
 
 
-def _monitor(proc: subprocess.Popen[str], samples: list[int | None], actions: list[str],
+class _Samples:
+    """The sampler of a test monitor: ``values`` in turn, then the last one forever (or what
+    ``on_stop`` sets); counts the samples taken, so a test waits for them rather than a time."""
+
+    def __init__(self, values: list[int | None]) -> None:
+        self._values = iter(values)
+        self.last: int | None = values[-1]
+        self.taken = 0
+
+    def __call__(self, _pid: int) -> int | None:
+        self.taken += 1
+        return next(self._values, self.last)
+
+
+def _monitor(proc: subprocess.Popen[str], samples: _Samples, actions: list[str],
              on_stop: object = None) -> S.FootprintMonitor:
-    values = iter(samples)
-    last = [samples[-1]]
-
-    def sample(_pid: int) -> int | None:
-        value = next(values, last[0])
-        return value
-
     def request_stop(reason: str) -> None:
         actions.append("request_stop")
         if callable(on_stop):
-            on_stop(last)
+            on_stop(samples)
 
     return S.FootprintMonitor(
         proc.pid, limit=lambda: 1000, is_alive=lambda: proc.poll() is None,
         request_stop=request_stop, on_breach=lambda reason, action: actions.append(action),
-        interval_sec=0.02, breaches=2, grace_sec=0.3, sample=sample)
+        interval_sec=0.02, breaches=2, grace_sec=0.3, sample=samples)
 
 
 def test_footprint_monitor_escalates_stop_sigterm_sigkill() -> None:
     proc = _child(_IGNORE_TERM)
     actions: list[str] = []
-    mon = _monitor(proc, [5000], actions).start()
+    mon = _monitor(proc, _Samples([5000]), actions).start()
     try:
-        assert proc.wait(10) == -signal.SIGKILL
+        assert proc.wait(GENEROUS_SEC) == -signal.SIGKILL
     finally:
         mon.stop()
     assert actions == ["stop", "request_stop", "sigterm", "sigkill"]
@@ -300,9 +299,9 @@ def test_footprint_monitor_escalates_stop_sigterm_sigkill() -> None:
 def test_footprint_monitor_stops_at_sigterm_when_it_works() -> None:
     proc = _child("import time; print('ok', flush=True); time.sleep(60)")
     actions: list[str] = []
-    mon = _monitor(proc, [5000], actions).start()
+    mon = _monitor(proc, _Samples([5000]), actions).start()
     try:
-        assert proc.wait(10) == -signal.SIGTERM
+        assert proc.wait(GENEROUS_SEC) == -signal.SIGTERM
     finally:
         mon.stop()
     assert actions == ["stop", "request_stop", "sigterm"]
@@ -311,17 +310,23 @@ def test_footprint_monitor_stops_at_sigterm_when_it_works() -> None:
 def test_footprint_monitor_cooperative_stop_spares_the_worker() -> None:
     proc = _child(_IGNORE_TERM)
     actions: list[str] = []
+    freed_at: list[int] = []
 
-    def freed(last: list[int | None]) -> None:
-        last[0] = 10  # the worker released its memory when asked
+    def freed(samples: _Samples) -> None:
+        samples.last = 10  # the worker released its memory when asked
+        freed_at.append(samples.taken)
 
-    mon = _monitor(proc, [5000], actions, on_stop=freed).start()
-    time.sleep(0.6)
-    mon.stop()
+    samples = _Samples([5000])
+    mon = _monitor(proc, samples, actions, on_stop=freed).start()
     try:
+        # well past the grace period's samples: it would have escalated by now
+        wait_for(lambda: freed_at and samples.taken >= freed_at[0] + 40,
+                 what="40 samples after the worker freed its memory")
+        mon.stop()
         assert proc.poll() is None
         assert actions == ["stop", "request_stop"]
     finally:
+        mon.stop()
         proc.kill()
         proc.wait()
 
@@ -330,13 +335,16 @@ def test_footprint_monitor_ignores_unusable_and_isolated_samples() -> None:
     proc = _child(_IGNORE_TERM)
     actions: list[str] = []
     # unusable samples neither count as a breach nor reset one; a good sample resets
-    samples: list[int | None] = [None, None, 5000, None, 10, 5000, 10, None]
-    mon = _monitor(proc, samples * 3 + [10], actions).start()
-    time.sleep(0.8)
-    mon.stop()
+    values: list[int | None] = [None, None, 5000, None, 10, 5000, 10, None]
+    samples = _Samples(values * 3 + [10])
+    mon = _monitor(proc, samples, actions).start()
     try:
+        wait_for(lambda: samples.taken > len(values) * 3 + 5,
+                 what="the monitor to take every sample of the sequence")
+        mon.stop()
         assert actions == [] and proc.poll() is None
     finally:
+        mon.stop()
         proc.kill()
         proc.wait()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support import free_port
 from test_autoload import Venv, _run, clean_env
 
 pytestmark = pytest.mark.e2e
@@ -146,12 +146,6 @@ def test_python_m_mlx_vlm_generate_is_guarded(venv: Venv, tmp_path: Path, probe_
     assert len(_announced(proc.stderr)) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve_and_get_status(command: list[str], env: dict[str, str], cwd: Path, port: int,
                           deadline_sec: float = 240.0) -> tuple[int, dict, str]:
     log = cwd / "server.log"
@@ -180,7 +174,7 @@ def _serve_and_get_status(command: list[str], env: dict[str, str], cwd: Path, po
 
 
 def test_python_m_mlx_lm_server_answers_status(venv: Venv, tmp_path: Path, tiny_model_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     status, body, log = _serve_and_get_status(
         [str(venv.root / "bin" / "metal-guard"), "run", "--", "python", "-m", "mlx_lm.server",
          "--model", str(tiny_model_path), "--host", "127.0.0.1", "--port", str(port)],
@@ -193,7 +187,7 @@ def test_python_m_mlx_lm_server_answers_status(venv: Venv, tmp_path: Path, tiny_
 def test_python_m_mlx_vlm_server_answers_status(venv: Venv, tmp_path: Path) -> None:
     pytest.importorskip("mlx_vlm")
     pytest.importorskip("uvicorn")
-    port = _free_port()
+    port = free_port()
     status, body, log = _serve_and_get_status(
         [str(venv.root / "bin" / "metal-guard"), "run", "--", "python", "-m", "mlx_vlm.server",
          "--host", "127.0.0.1", "--port", str(port)], _env(tmp_path), tmp_path, port)

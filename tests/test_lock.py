@@ -44,6 +44,7 @@ from metal_guard.lock import mlx_exclusive_lock
 log, n, start = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 pid = os.getpid()
 fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+print("READY", flush=True)
 while not start.exists():
     time.sleep(0.005)
 for _ in range(n):
@@ -446,10 +447,12 @@ def _contend(tmp_path: Path, procs: int, n: int) -> tuple[list[str], float]:
     log = tmp_path / "inout.log"
     start = tmp_path / "start"
     children = [
-        subprocess.Popen([sys.executable, "-c", CONTENDER, str(log), str(n), str(start)])
+        subprocess.Popen([sys.executable, "-c", CONTENDER, str(log), str(n), str(start)],
+                         stdout=subprocess.PIPE, text=True)
         for _ in range(procs)
     ]
-    time.sleep(0.5)  # let them all import and reach the start line
+    for c in children:  # all imported and at the start line: they contend from the first round
+        assert c.stdout is not None and c.stdout.readline().strip() == "READY"
     t0 = time.monotonic()
     start.touch()
     for c in children:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 
 import psutil
 import pytest
+from support import argv_visible, at, sleeping_child, write_crumbs
 
 from metal_guard.breadcrumbs import format_line
 from metal_guard.forensics.orphans import (
@@ -24,34 +22,19 @@ from metal_guard.forensics.orphans import (
 from metal_guard.settings import get_settings
 
 
-def _at(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
-
-def write_crumbs(lines: list[str]) -> Path:
-    path = get_settings().resolved_breadcrumb_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
+    with sleeping_child(120) as proc:
+        yield proc
 
 
 def test_pre_without_post_after_threshold_is_an_orphan() -> None:
     now = time.time()
     write_crumbs([
-        format_line("SUBPROC_PRE", "mlx-community/a", now=_at(now - 300)),
-        format_line("SUBPROC_PRE", "mlx-community/b", now=_at(now - 200)),
-        format_line("SUBPROC_POST", "mlx-community/b", now=_at(now - 190)),
-        format_line("SUBPROC_PRE", "mlx-community/c", now=_at(now - 10)),  # younger than 90 s
+        format_line("SUBPROC_PRE", "mlx-community/a", now=at(now - 300)),
+        format_line("SUBPROC_PRE", "mlx-community/b", now=at(now - 200)),
+        format_line("SUBPROC_POST", "mlx-community/b", now=at(now - 190)),
+        format_line("SUBPROC_PRE", "mlx-community/c", now=at(now - 10)),  # younger than 90 s
         "garbage line that is not a breadcrumb",
     ])
     orphans = scan_orphan_subproc_pre(now=now)
@@ -65,20 +48,20 @@ def test_pre_without_post_after_threshold_is_an_orphan() -> None:
 def test_fifo_pairing_per_model_and_pid_pairing() -> None:
     t = 1_787_000_000.0
     lines = [
-        format_line("SUBPROC_PRE", "m", now=_at(t), pid=11),
-        format_line("SUBPROC_PRE", "m", now=_at(t + 1), pid=22),
-        format_line("SUBPROC_POST", "m", now=_at(t + 2), pid=22),  # closes pid 22, not the oldest
-        format_line("SUBPROC_PRE", "n", now=_at(t + 3)),
-        format_line("SUBPROC_PRE", "n", now=_at(t + 4)),
-        format_line("SUBPROC_POST", "n", now=_at(t + 5)),  # FIFO: closes the t+3 one
-        format_line("SUBPROC_POST", "zzz", now=_at(t + 6)),  # unmatched POST is ignored
+        format_line("SUBPROC_PRE", "m", now=at(t), pid=11),
+        format_line("SUBPROC_PRE", "m", now=at(t + 1), pid=22),
+        format_line("SUBPROC_POST", "m", now=at(t + 2), pid=22),  # closes pid 22, not the oldest
+        format_line("SUBPROC_PRE", "n", now=at(t + 3)),
+        format_line("SUBPROC_PRE", "n", now=at(t + 4)),
+        format_line("SUBPROC_POST", "n", now=at(t + 5)),  # FIFO: closes the t+3 one
+        format_line("SUBPROC_POST", "zzz", now=at(t + 6)),  # unmatched POST is ignored
     ]
     assert [(m, ts - t, pid) for m, ts, pid, _ct in pair_breadcrumbs(lines)] == [("m", 0, 11), ("n", 4, None)]
 
 
 def test_kill_switch_and_threshold_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     now = time.time()
-    write_crumbs([format_line("SUBPROC_PRE", "m", now=_at(now - 100))])
+    write_crumbs([format_line("SUBPROC_PRE", "m", now=at(now - 100))])
     assert len(scan_orphan_subproc_pre(now=now)) == 1
     monkeypatch.setenv("METALGUARD_SUBPROC_ORPHAN_THRESHOLD_SEC", "200")
     assert scan_orphan_subproc_pre(now=now) == []
@@ -90,10 +73,10 @@ def test_ready_line_supplies_identity_and_status(sleeper: subprocess.Popen[bytes
     ct = psutil.Process(sleeper.pid).create_time()
     now = time.time()
     write_crumbs([
-        format_line("SUBPROCESS_WORKER", "m ready", now=_at(now - 200), pid=sleeper.pid, create_time=ct),
-        format_line("SUBPROC_PRE", "m", now=_at(now - 150), pid=sleeper.pid),
+        format_line("SUBPROCESS_WORKER", "m ready", now=at(now - 200), pid=sleeper.pid, create_time=ct),
+        format_line("SUBPROC_PRE", "m", now=at(now - 150), pid=sleeper.pid),
         "[2026-01-01 10:00:00] SUBPROCESS_WORKER: legacy ready, pid=999999",  # seed format
-        format_line("SUBPROC_PRE", "legacy", now=_at(now - 150), pid=999999),
+        format_line("SUBPROC_PRE", "legacy", now=at(now - 150), pid=999999),
     ])
     by_model = {o.model_id: o for o in scan_orphan_subproc_pre(now=now)}
     assert by_model["m"].status == RUNNING and by_model["m"].create_time == pytest.approx(ct)
@@ -103,8 +86,8 @@ def test_ready_line_supplies_identity_and_status(sleeper: subprocess.Popen[bytes
 def test_reused_pid_is_gone(sleeper: subprocess.Popen[bytes]) -> None:
     now = time.time()
     write_crumbs([
-        format_line("SUBPROCESS_WORKER", "m ready", now=_at(now - 200), pid=sleeper.pid, create_time=12345.0),
-        format_line("SUBPROC_PRE", "m", now=_at(now - 150), pid=sleeper.pid),
+        format_line("SUBPROCESS_WORKER", "m ready", now=at(now - 200), pid=sleeper.pid, create_time=12345.0),
+        format_line("SUBPROC_PRE", "m", now=at(now - 150), pid=sleeper.pid),
     ])
     [orphan] = scan_orphan_subproc_pre(now=now)
     assert orphan.status == GONE
@@ -113,15 +96,9 @@ def test_reused_pid_is_gone(sleeper: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def fake_worker() -> Iterator[subprocess.Popen[bytes]]:
     """A sleeping process whose command line is that of an isolation worker of model "m"."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m",
-                             "metal_guard.isolation.worker", "--config", '{"model_id": "m"}'])
-    deadline = time.monotonic() + 10  # /proc/<pid>/cmdline can lag right after exec
-    while "--config" not in psutil.Process(proc.pid).cmdline() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
+    with sleeping_child(120, ["-m", "metal_guard.isolation.worker", "--config",
+                              '{"model_id": "m"}']) as proc:
+        yield argv_visible(proc)
 
 
 def test_kill_only_signals_a_matching_create_time(fake_worker: subprocess.Popen[bytes],
@@ -129,7 +106,7 @@ def test_kill_only_signals_a_matching_create_time(fake_worker: subprocess.Popen[
     # the right create_time is not enough: a process that is not a worker is never signalled
     ct_other = psutil.Process(sleeper.pid).create_time()
     now = time.time()
-    write_crumbs([format_line("SUBPROC_PRE", "m", now=_at(now - 150), pid=sleeper.pid,
+    write_crumbs([format_line("SUBPROC_PRE", "m", now=at(now - 150), pid=sleeper.pid,
                               create_time=ct_other)])
     [not_worker] = scan_orphan_subproc_pre(now=now)
     assert not_worker.status == RUNNING
@@ -141,9 +118,9 @@ def test_kill_only_signals_a_matching_create_time(fake_worker: subprocess.Popen[
     sleeper = fake_worker
     ct = psutil.Process(sleeper.pid).create_time()
     now = time.time()
-    write_crumbs([format_line("SUBPROCESS_WORKER", "m ready", now=_at(now - 200), pid=sleeper.pid,
+    write_crumbs([format_line("SUBPROCESS_WORKER", "m ready", now=at(now - 200), pid=sleeper.pid,
                               create_time=ct + 5.0),
-                  format_line("SUBPROC_PRE", "m", now=_at(now - 150), pid=sleeper.pid)])
+                  format_line("SUBPROC_PRE", "m", now=at(now - 150), pid=sleeper.pid)])
     [wrong] = scan_orphan_subproc_pre(now=now)
     [result] = kill_orphans([wrong])
     assert result["action"].startswith("skipped") and sleeper.poll() is None

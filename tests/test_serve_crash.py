@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from serve_helpers import Front, pid_gone, serve_env
+from support import wait_for
 
 pytest.importorskip("mlx_lm.server")
 openai = pytest.importorskip("openai")
@@ -165,14 +166,16 @@ def test_health_and_metrics_answer_while_the_child_is_down(front: Front) -> None
     pid = front.child_pid()
     os.kill(pid, signal.SIGKILL)
     assert pid_gone(pid)
-    code, headers, body = front.get("/health")
+    # The front notices the death within moments; the next child then needs seconds to load,
+    # so the "down" answer is there to be seen (it was checked only if seen at the first look).
+    _code, headers, body = wait_for(lambda: (r := front.get("/health"))[0] == 503 and r,
+                                    interval=0.02, what="/health to answer 503 while down")
     health = json.loads(body)
-    if code == 503:  # almost always: the next child needs seconds to load
-        assert health["status"] == "starting" and "worker_killed" in health["reason"]
-        assert int(headers["Retry-After"]) >= 1
-        code, _, text = front.get("/metrics")
-        assert code == 200 and b"metalguard_serve_child_up 0" in text
-        assert b'error_class="worker_killed"' in text
+    assert health["status"] == "starting" and "worker_killed" in health["reason"]
+    assert int(headers["Retry-After"]) >= 1
+    code, _, text = front.get("/metrics")
+    assert code == 200 and b"metalguard_serve_child_up 0" in text
+    assert b'error_class="worker_killed"' in text
     until_200(front)
 
 
@@ -186,16 +189,8 @@ def test_a_crash_loop_opens_the_breaker_and_the_front_exits_12(
     try:
         first = srv.child_pid()
         os.kill(first, signal.SIGSEGV)
-        second = None
-        deadline = time.monotonic() + RESPAWN_TIMEOUT_SEC
-        while second is None and time.monotonic() < deadline:
-            try:
-                pid = srv.child_pid()
-                second = pid if pid != first else None
-            except OSError:
-                pass
-            time.sleep(0.05)
-        assert second is not None, srv.output()
+        second = wait_for(lambda: (pid := srv.child_pid()) != first and pid,
+                          timeout=RESPAWN_TIMEOUT_SEC, what="the respawned child")
         os.kill(second, signal.SIGABRT)
         assert srv.proc.wait(timeout=60) == EXIT_SERVE_BREAKER, srv.output()
         assert pid_gone(first) and pid_gone(second)
@@ -213,14 +208,13 @@ def test_a_crash_loop_opens_the_breaker_and_the_front_exits_12(
 
 
 def _wait_exec(pid: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def execed() -> bool:
         try:
-            if "mlx_lm" in Path(f"/proc/{pid}/cmdline").read_text():
-                return
+            return "mlx_lm" in Path(f"/proc/{pid}/cmdline").read_text()
         except OSError:
-            pass
-        time.sleep(0.05)
+            return False
+
+    wait_for(execed, what=f"pid {pid} to exec mlx_lm.server")
 
 
 @pytest.mark.parametrize("watch", ["pdeathsig", "pipe"])
@@ -230,15 +224,15 @@ def test_a_killed_front_leaves_no_orphan(tmp_path: Path, tiny_model_path: Path, 
     srv = Front(tiny_model_path, tmp_path / "front.log", serve_env(tmp_path / "home"),
                 "--watch", watch)
     try:
-        deadline = time.monotonic() + 60
-        pid = None
-        while pid is None and time.monotonic() < deadline:
+        def child() -> int | None:
             try:
-                starting = srv.status()["serve"]["starting"] or srv.status()["serve"]["active"]
-                pid = starting and starting["pid"]
-            except OSError:
-                time.sleep(0.05)
-        assert pid, srv.output()
+                serve = srv.status()["serve"]
+            except OSError:  # not listening yet
+                return None
+            starting = serve["starting"] or serve["active"]
+            return int(starting["pid"]) if starting else None
+
+        pid = wait_for(child, what="the front's first child")
         _wait_exec(pid)
         srv.proc.kill()  # SIGKILL: no cleanup code runs in the front
         srv.proc.wait(timeout=10)

@@ -7,15 +7,13 @@ meant no inference counting, no periodic flush and no prefill guard on the defau
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mlx_lm.server")
 
 from mlx_lm.generate import BatchGenerator
-from server_support import Server, module_server
+from server_support import Server
 
 from metal_guard import installer as mg
 from metal_guard.adapters import mlx_lm as adapter
@@ -49,24 +47,17 @@ def test_insert_segments_describes_the_prompts() -> None:
     assert info.site.endswith("BatchGenerator.insert_segments")
 
 
-@pytest.fixture(scope="module")
-def shared(module_home: Path, tiny_model_path: Path) -> Iterator[Server]:
-    srv = module_server(tiny_model_path)
-    yield srv
-    srv.close()
-
-
-def test_batched_requests_are_counted_once_each(shared: Server) -> None:
+def test_batched_requests_are_counted_once_each(shared_server: Server) -> None:
     mg.install()
     try:
         tracker = global_resource_tracker()
-        assert shared.complete()[0] == 200  # warm: the batch generator exists
+        assert shared_server.complete()[0] == 200  # warm: the batch generator exists
         before = tracker.count
         results: list[int] = []
 
         def client() -> None:
             for _ in range(3):
-                results.append(shared.complete("count me")[0])
+                results.append(shared_server.complete("count me")[0])
 
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
@@ -77,19 +68,19 @@ def test_batched_requests_are_counted_once_each(shared: Server) -> None:
         # one inference per request (insert → insert_segments is guarded once, not twice)
         assert tracker.count - before == 12
         # and the sequential path (seeded) counts too
-        assert shared.complete("seeded", seed=1)[0] == 200
+        assert shared_server.complete("seeded", seed=1)[0] == 200
         assert tracker.count - before == 13
     finally:
         mg.uninstall()
 
 
-def test_periodic_flush_runs_on_the_batched_path(shared: Server, monkeypatch: pytest.MonkeyPatch,
+def test_periodic_flush_runs_on_the_batched_path(shared_server: Server, monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("METALGUARD_FLUSH_EVERY_N", "1")
     mg.install()  # refreshes the hot-path settings
     try:
         with caplog.at_level("DEBUG", logger="metal_guard.policy"):
-            assert shared.complete("flush me")[0] == 200
+            assert shared_server.complete("flush me")[0] == 200
         flushes = [r for r in caplog.records if r.getMessage().startswith("periodic flush after")]
         assert flushes, "no periodic flush on the batched path"
     finally:

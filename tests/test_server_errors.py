@@ -16,26 +16,19 @@ import pytest
 pytest.importorskip("mlx_lm.server")
 openai = pytest.importorskip("openai")
 
-from server_support import Server, metric, module_server  # noqa: E402
+from server_support import Server, metric  # noqa: E402
 
 from metal_guard import installer as mg  # noqa: E402
 from metal_guard.adapters import _openai_errors as oai  # noqa: E402
 from metal_guard.breadcrumbs import read_lines  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def shared(module_home: Path, tiny_model_path: Path) -> Iterator[Server]:
-    srv = module_server(tiny_model_path)
-    yield srv
-    srv.close()
-
-
 @pytest.fixture
-def oom_every_request(shared: Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+def oom_every_request(shared_server: Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     monkeypatch.setenv("METALGUARD_TEST_SERVER_OOM_EVERY", "1")
     mg.install()  # refreshes the hot-path settings: every request's sampler now fails
     try:
-        yield shared
+        yield shared_server
     finally:
         mg.uninstall()
 
@@ -80,29 +73,29 @@ def test_oom_mid_stream_is_an_error_event_the_sdk_raises(oom_every_request: Serv
     assert metric(text, "metal_guard_server_responses_503_total") == after["responses_503_total"]
 
 
-def test_recovery_log_counts_the_requests_it_really_answered(shared: Server,
+def test_recovery_log_counts_the_requests_it_really_answered(shared_server: Server,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     mg.install()
     try:
         for _ in range(4):  # finished requests must not be counted as failed by the next OOM
-            assert shared.complete("fine")[0] == 200
+            assert shared_server.complete("fine")[0] == 200
     finally:
         mg.uninstall()
     monkeypatch.setenv("METALGUARD_TEST_SERVER_OOM_EVERY", "1")
     mg.install()
     try:
-        assert shared.complete("boom")[0] == 503
+        assert shared_server.complete("boom")[0] == 503
     finally:
         mg.uninstall()
     recovered = [line for line in read_lines(100) if "SERVER_OOM_RECOVERED" in line]
     assert recovered and "answered_503=1" in recovered[-1], recovered
 
 
-def test_server_memory_series_have_stable_labels(shared: Server) -> None:
+def test_server_memory_series_have_stable_labels(shared_server: Server) -> None:
     mg.install()
     try:
-        assert shared.complete()[0] == 200
-        text = shared.metrics()
+        assert shared_server.complete()[0] == 200
+        text = shared_server.metrics()
     finally:
         mg.uninstall()
     lines = text.splitlines()

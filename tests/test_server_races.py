@@ -20,15 +20,13 @@ import http.client
 import json
 import queue
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("mlx_lm.server")
 
-from server_support import Server, module_server
+from server_support import Server
 
 from metal_guard import installer as mg
 from metal_guard.adapters import mlx_lm_server as adapter
@@ -42,13 +40,6 @@ from metal_guard.adapters._server_state import (
     track_requests,
 )
 from metal_guard.breadcrumbs import read_lines
-
-
-@pytest.fixture(scope="module")
-def shared(module_home: Path, tiny_model_path: Path) -> Iterator[Server]:
-    srv = module_server(tiny_model_path)
-    yield srv
-    srv.close()
 
 
 class Inbox:
@@ -188,7 +179,7 @@ def _stream(port: int, body: dict[str, Any], first_chunk: threading.Event,
 
 
 def test_request_taken_while_switched_off_is_answered_after_an_oom(
-        shared: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+        shared_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The generation thread takes a request while metal-guard is uninstalled (the state of a
     ``_next_request`` call already running when ``install()`` returns); an OOM of the batch it
     is in must still end its stream, not leave it waiting forever."""
@@ -198,7 +189,7 @@ def test_request_taken_while_switched_off_is_answered_after_an_oom(
     # installed may still be waiting for work: wait until the generation thread has started a
     # new one (each begins with ``requests.get``), so the request below is taken by a call made
     # without any wrapper active.
-    requests = shared.generator.requests
+    requests = shared_server.generator.requests
     started = threading.Event()
 
     def spy(*args: Any, **kwargs: Any) -> Any:
@@ -210,7 +201,7 @@ def test_request_taken_while_switched_off_is_answered_after_an_oom(
         assert started.wait(60)
     finally:
         del requests.get
-    thread = threading.Thread(target=_stream, args=(shared.port, {
+    thread = threading.Thread(target=_stream, args=(shared_server.port, {
         "prompt": "a long answer", "max_tokens": 3000, "stream": True}, first_chunk, out))
     thread.start()
     try:
@@ -218,7 +209,7 @@ def test_request_taken_while_switched_off_is_answered_after_an_oom(
         monkeypatch.setenv("METALGUARD_TEST_SERVER_OOM_EVERY", "1")
         mg.install()
         try:
-            status, body = shared.complete("joins the batch and fails")
+            status, body = shared_server.complete("joins the batch and fails")
         finally:
             mg.uninstall()
         assert status == 503 and body["error"]["code"] == "metal_oom"
@@ -234,22 +225,22 @@ def test_request_taken_while_switched_off_is_answered_after_an_oom(
     monkeypatch.delenv("METALGUARD_TEST_SERVER_OOM_EVERY")
     mg.install()
     try:
-        assert shared.complete("served again")[0] == 200
+        assert shared_server.complete("served again")[0] == 200
     finally:
         mg.uninstall()
 
 
-def test_status_right_after_an_answer_shows_its_keep_alive(shared: Server) -> None:
+def test_status_right_after_an_answer_shows_its_keep_alive(shared_server: Server) -> None:
     mg.install()
     try:
         for value, expected in (("5m", 300.0), (2.5, 2.5), (None, -1.0), ("1h", 3600.0)):
             extra = {} if value is None else {"keep_alive": value}
-            assert shared.complete("keep", **extra)[0] == 200
-            assert shared.status()["server"]["keep_alive_sec"] == expected, value
-        status, _h, raw = shared.request("/v1/completions", {
+            assert shared_server.complete("keep", **extra)[0] == 200
+            assert shared_server.status()["server"]["keep_alive_sec"] == expected, value
+        status, _h, raw = shared_server.request("/v1/completions", {
             "prompt": "x", "max_tokens": 2, "stream": True, "keep_alive": "2m"})
         assert status == 200 and raw.rstrip().endswith(b"data: [DONE]")
-        assert shared.status()["server"]["keep_alive_sec"] == 120.0
-        assert shared.complete("back to the default")[0] == 200
+        assert shared_server.status()["server"]["keep_alive_sec"] == 120.0
+        assert shared_server.complete("back to the default")[0] == 200
     finally:
         mg.uninstall()

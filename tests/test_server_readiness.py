@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import plistlib
-import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ pytest.importorskip("mlx_lm.server")
 openai = pytest.importorskip("openai")
 
 from server_support import Server, metric, queued_request, wait_for  # noqa: E402
+from support import free_port  # noqa: E402
 
 from metal_guard import installer as mg  # noqa: E402
 from metal_guard.adapters import _server_http as http  # noqa: E402
@@ -32,20 +32,6 @@ from metal_guard.adapters.mlx_lm_server import EXIT_SERVER_GAVE_UP, MAX_RECOVERI
 from metal_guard.cadence import CadenceGuard  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture
-def start_server() -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
-
-    def start(model: Path, **over: Any) -> Server:
-        srv = Server(model, **over)
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.close()
 
 
 def test_restart_within_the_cadence_is_not_ready_and_answers_503_at_once(
@@ -127,12 +113,6 @@ def test_status_health_includes_a_dead_generation_thread(start_server: Callable[
 # --------------------------------------------------------------------------- defect 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _plist_program(model: Path, port: int) -> tuple[list[str], dict[str, Any]]:
     """The shipped plist's ProgramArguments with this machine's interpreter and the tiny model."""
     plist = plistlib.loads((EXAMPLES / "launchd" / "com.example.mlx-server.plist").read_bytes())
@@ -166,7 +146,7 @@ def _ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
 
 def test_a_server_that_gave_up_exits_nonzero_and_launchd_restarts_it(tiny_model_path: Path,
                                                                      tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     cmd, plist = _plist_program(tiny_model_path, port)
     # launchd restarts the job when it exits non-zero
     assert plist["KeepAlive"] == {"SuccessfulExit": False}

@@ -18,24 +18,17 @@ import pytest
 pytest.importorskip("mlx_lm.server")
 openai = pytest.importorskip("openai")
 
-from server_support import Server, module_server  # noqa: E402
+from server_support import Server  # noqa: E402
 
 from metal_guard import installer as mg  # noqa: E402
 from metal_guard.cadence import CadenceGuard  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def shared(module_home: Path, tiny_model_path: Path) -> Iterator[Server]:
-    server = module_server(tiny_model_path)
-    yield server
-    server.close()
-
-
 @pytest.fixture
-def srv(shared: Server) -> Iterator[Server]:
+def srv(shared_server: Server) -> Iterator[Server]:
     mg.install()
     try:
-        yield shared
+        yield shared_server
     finally:
         mg.uninstall()
 

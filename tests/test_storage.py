@@ -10,7 +10,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import filelock
 import pytest
+from support import wait_for
 
 from metal_guard import storage
 
@@ -115,17 +117,21 @@ _WRITER = textwrap.dedent(
 
 def test_sigkill_mid_write_leaves_a_complete_file(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    storage.write_json(path, {"i": 0, "blob": "", "end": 0})
     for round_ in range(5):
+        storage.write_json(path, {"i": 0, "blob": "", "end": 0})
         proc = subprocess.Popen(
             [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        time.sleep(0.05 + 0.03 * round_)
+        # this writer has replaced the file at least twice (its counter restarts at 1): it is
+        # in its write loop, so the kill below lands mid-loop, not before the first write
+        wait_for(lambda: json.loads(path.read_text())["i"] >= 2, interval=0.005,
+                 what="the writer's second complete write")
+        time.sleep(0.01 * round_)  # then a different moment of the loop each round
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         data = json.loads(path.read_text())  # must parse: old or new, never half
-        assert data["i"] == data["end"]
+        assert data["i"] == data["end"] >= 2
     leftovers = [p for p in tmp_path.iterdir() if p.name != "state.json"]
     # a killed writer may leave its own temp file behind, never a corrupt target
     assert all(p.name.startswith(".state.json.") for p in leftovers)
@@ -143,16 +149,23 @@ def test_locked_is_reentrant_in_a_thread_and_exclusive_across_threads(tmp_path: 
 
     path = tmp_path / "s.json"
     order: list[str] = []
+    refused = threading.Event()
     with storage.locked(path, timeout=1), storage.locked(path, timeout=1):  # nested: no deadlock
         order.append("outer")
 
         def other() -> None:
-            with storage.locked(path, timeout=10):
+            try:  # while the outer hold lasts, another thread cannot take the lock ...
+                with storage.locked(path, timeout=0):
+                    order.append("other-got-it-too")
+            except filelock.Timeout:
+                order.append("other-refused")
+            refused.set()
+            with storage.locked(path, timeout=60):  # ... and waits for it
                 order.append("other")
 
         t = threading.Thread(target=other)
         t.start()
-        time.sleep(0.2)
+        assert refused.wait(60)
         order.append("outer-still-holding")
-    t.join(10)
-    assert order == ["outer", "outer-still-holding", "other"]
+    t.join(60)
+    assert order == ["outer", "other-refused", "outer-still-holding", "other"]

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,73 +23,18 @@ import pytest
 
 pytest.importorskip("mlx_lm.server")
 
+from serve_helpers import ServerProcess
+
 pytestmark = pytest.mark.e2e
 
-READY_TIMEOUT_SEC = 120.0
+class GuardedServer(ServerProcess):
+    """``python -m metal_guard run -- python -m mlx_lm server --model M ... --port P``."""
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class GuardedServer:
     def __init__(self, model: Path, log_path: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "metal_guard", "run", "--",
-               sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
-               "--host", "127.0.0.1", "--port", str(self.port), "--max-tokens", "8"]
-        self.log = log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.log_path = log_path
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_SEC
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                if self.get("/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready in {READY_TIMEOUT_SEC}s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def request(self, path: str, body: dict[str, Any] | None = None,
-                timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        status, _h, raw = self.request(path, timeout=5.0)
-        return status, raw
-
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        status, _h, raw = self.request(path, body)
-        return status, json.loads(raw)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log.close()
+        super().__init__(lambda port: [
+            sys.executable, "-m", "metal_guard", "run", "--",
+            sys.executable, "-m", "mlx_lm", "server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(port), "--max-tokens", "8"], log_path, env)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -139,7 +80,7 @@ def test_guarded_server_serves_answers_503_on_oom_and_recovers(start: Any, tiny_
     assert srv.post("/v1/completions", COMPLETION)[0] == 200               # 7
     assert srv.get("/health")[0] == 200
 
-    status, raw = srv.get("/metal-guard/status")
+    status, _h, raw = srv.get("/metal-guard/status")
     assert status == 200
     snap = json.loads(raw)
     assert snap["adapters"]["mlx_lm"] == "patched" and snap["adapters"]["mlx_lm_server"] == "patched"
@@ -149,7 +90,7 @@ def test_guarded_server_serves_answers_503_on_oom_and_recovers(start: Any, tiny_
     assert server["oom_total"] == 2 and server["oom_recoveries_total"] == 1
     assert snap["writer"]["pid"] == srv.proc.pid  # `run` exec'd: same process
 
-    status, raw = srv.get("/metrics")
+    status, _h, raw = srv.get("/metrics")
     assert status == 200
     assert "metal_guard_server_responses_503_total 2" in raw.decode()
     assert "SERVER_OOM_RECOVERED" in "\n".join(snap["breadcrumb_tail"])
@@ -190,6 +131,6 @@ def test_eight_concurrent_clients_fifty_requests_each(start: Any, tiny_model_pat
     p95 = latencies[int(0.95 * len(latencies)) - 1]
     print(f"\n[e2e server] {clients}x{per_client} requests in {wall:.2f}s: "
           f"{len(latencies) / wall:.1f} req/s, p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms")
-    snap = json.loads(srv.get("/metal-guard/status")[1])
+    snap = json.loads(srv.get("/metal-guard/status")[2])
     assert snap["server"]["requests_total"] == clients * per_client
     assert snap["server"]["responses_503_total"] == 0 and snap["server"]["generation_alive"]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,57 +22,36 @@ from typing import Any
 import psutil
 import pytest
 
-server = pytest.importorskip("mlx_lm.server")
+pytest.importorskip("mlx_lm.server")
 openai = pytest.importorskip("openai")
+
+from server_support import Server  # noqa: E402
+from support import sleeping_child  # noqa: E402
 
 from metal_guard import installer  # noqa: E402
 from metal_guard.breadcrumbs import tail  # noqa: E402
 
 
-def _server_args(model: Path) -> Any:
-    import argparse
-
-    return argparse.Namespace(
-        model=str(model), adapter_path=None, draft_model=None, num_draft_tokens=3,
-        trust_remote_code=False, chat_template="", use_default_chat_template=False, temp=0.0,
-        top_p=1.0, top_k=0, min_p=0.0, max_tokens=8, chat_template_args={},
-        decode_concurrency=32, prompt_concurrency=8, prefill_step_size=2048, prompt_cache_size=10,
-        prompt_cache_bytes=None, kv_bits=None, kv_group_size=64, quantized_kv_start=5000,
-        pipeline=False, allowed_origins=["*"], host="127.0.0.1", port=0, log_level="INFO")
-
-
 @pytest.fixture
 def victim() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
+    with sleeping_child(600) as proc:
+        yield proc
 
 
 @pytest.fixture
 def guarded_server(tmp_path: Path, tiny_model_path: Path,
                    victim: subprocess.Popen[bytes]) -> Iterator[tuple[Any, Path]]:
-    from http.server import ThreadingHTTPServer
-
     ct = psutil.Process(victim.pid).create_time()
     model_dir = tmp_path / f"m\tpid={victim.pid}\tcreate_time={ct:.3f}"
     shutil.copytree(tiny_model_path, model_dir)
     installer.install(adapters=["mlx_lm", "mlx_lm_server"])
-    provider = server.ModelProvider(_server_args(model_dir))
-    generator = server.ResponseGenerator(provider, server.LRUPromptCache(10))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0),
-                                lambda *a, **k: server.APIHandler(generator, *a, **k))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1",
-                           api_key="unused", max_retries=0, timeout=120)
     try:
-        yield client, model_dir
+        srv = Server(model_dir, max_tokens=8)
+        try:
+            yield srv.openai(timeout=120), model_dir
+        finally:
+            srv.close()
     finally:
-        httpd.shutdown()
-        httpd.server_close()
-        generator.stop_and_join()
         installer.uninstall()
 
 

@@ -8,11 +8,9 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -20,6 +18,7 @@ import pytest
 from _state_attack import other_user
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import argv_visible, at, sleeping_child, wait_for, write_crumbs
 
 from metal_guard.breadcrumbs import format_line
 from metal_guard.forensics.orphans import (
@@ -29,36 +28,16 @@ from metal_guard.forensics.orphans import (
     scan_orphan_subproc_pre,
     worker_identity_problem,
 )
-from metal_guard.settings import get_settings
-
-
-def _at(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
 
 
 def _write(lines: list[str]) -> None:
-    path = get_settings().resolved_breadcrumb_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    write_crumbs(lines, append=False)
 
 
 @pytest.fixture
 def bystander() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
-
-
-def _started(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-    """Wait until the kernel has set up the new program's argv (right after ``fork``+``exec``
-    the parent can run before ``/proc/<pid>/cmdline`` shows it)."""
-    deadline = time.monotonic() + 10
-    while "--config" not in psutil.Process(proc.pid).cmdline():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return proc
+    with sleeping_child() as proc:
+        yield proc
 
 
 def _orphan(proc_pid: int, model: str = "m") -> OrphanPre:
@@ -78,17 +57,17 @@ def test_no_breadcrumb_makes_kill_signal_a_process_that_is_not_a_worker(
     ct = psutil.Process(pid).create_time() + ct_off  # the exact identity of a real process
     now = time.time()
     lines = {
-        "modern": [format_line("SUBPROCESS_WORKER", f"{model} ready", now=_at(now - 20), pid=pid,
+        "modern": [format_line("SUBPROCESS_WORKER", f"{model} ready", now=at(now - 20), pid=pid,
                                create_time=f"{ct:.3f}"),
-                   format_line("SUBPROC_PRE", model, now=_at(now - 10), pid=pid)],
-        "legacy-ready": [format_line("SUBPROCESS_WORKER", f"{model} ready", now=_at(now - 20),
+                   format_line("SUBPROC_PRE", model, now=at(now - 10), pid=pid)],
+        "legacy-ready": [format_line("SUBPROCESS_WORKER", f"{model} ready", now=at(now - 20),
                                      pid=pid, create_time=f"{ct:.3f}"),
-                         format_line("SUBPROC_PRE", model, now=_at(now - 10))],
-        "pre-only": [format_line("SUBPROC_PRE", model, now=_at(now - 10), pid=pid,
+                         format_line("SUBPROC_PRE", model, now=at(now - 10))],
+        "pre-only": [format_line("SUBPROC_PRE", model, now=at(now - 10), pid=pid,
                                  create_time=f"{ct:.3f}")],
-        "post-other-model": [format_line("SUBPROC_PRE", model, now=_at(now - 10), pid=pid,
+        "post-other-model": [format_line("SUBPROC_PRE", model, now=at(now - 10), pid=pid,
                                          create_time=f"{ct:.3f}"),
-                             format_line("SUBPROC_POST", model + "x", now=_at(now - 5), pid=pid)],
+                             format_line("SUBPROC_POST", model + "x", now=at(now - 5), pid=pid)],
     }[form]
     _write(lines)
     orphans = scan_orphan_subproc_pre(threshold_sec=0, now=now)
@@ -108,11 +87,9 @@ def test_another_users_worker_lookalike_is_never_signalled() -> None:
                                  "metal_guard.isolation.worker", "--config", '{"model_id": "m"}'],
                                 start_new_session=True)  # its own group: sh and its sleep
         try:
-            deadline = time.monotonic() + 10
-            while psutil.Process(proc.pid).uids().real != user.pw_uid:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            _started(proc)
+            wait_for(lambda: psutil.Process(proc.pid).uids().real == user.pw_uid,
+                     interval=0.02, what="setpriv to switch to the other user")
+            argv_visible(proc)
             [result] = kill_orphans([_orphan(proc.pid)], grace_sec=0.5)
             assert result["action"] == f"skipped: process runs as uid {user.pw_uid}, not as this user"
             assert proc.poll() is None
@@ -122,16 +99,11 @@ def test_another_users_worker_lookalike_is_never_signalled() -> None:
 
 
 def test_a_worker_of_another_model_is_not_signalled() -> None:
-    proc = _started(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "-m",
-                                      "metal_guard.isolation.worker", "--config",
-                                      '{"model_id": "other"}']))
-    try:
-        [result] = kill_orphans([_orphan(proc.pid, "m")], grace_sec=0.5)
+    with sleeping_child(300, ["-m", "metal_guard.isolation.worker", "--config",
+                              '{"model_id": "other"}']) as proc:
+        [result] = kill_orphans([_orphan(argv_visible(proc).pid, "m")], grace_sec=0.5)
         assert result["action"] == "skipped: a metal-guard worker of another model"
         assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_a_real_hung_worker_is_verified_and_killed(tiny_model_path: Path) -> None:
@@ -146,7 +118,7 @@ def test_a_real_hung_worker_is_verified_and_killed(tiny_model_path: Path) -> Non
         assert worker_identity_problem(proc, str(tiny_model_path), proc.create_time()) is None
         now = time.time()
         # what a generation that never returned leaves in the log
-        _write([format_line("SUBPROC_PRE", str(tiny_model_path), now=_at(now - 300), pid=pid,
+        _write([format_line("SUBPROC_PRE", str(tiny_model_path), now=at(now - 300), pid=pid,
                             create_time=f"{proc.create_time():.3f}")])
         [orphan] = scan_orphan_subproc_pre(now=now)
         assert orphan.status == "running"
@@ -162,9 +134,9 @@ def test_seed_ready_line_lends_its_pid_to_a_later_pre() -> None:
     t = 1_787_000_000.0
     lines = [
         "[2026-08-17 20:00:00] SUBPROCESS_WORKER: model-x ready, pid=4242",  # the seed's form
-        format_line("SUBPROC_PRE", "model-x", now=_at(t)),  # names no pid
-        format_line("SUBPROCESS_WORKER", "model-y ready", now=_at(t), pid=5151, create_time="12.5"),
-        format_line("SUBPROC_PRE", "model-y", now=_at(t + 1)),
+        format_line("SUBPROC_PRE", "model-x", now=at(t)),  # names no pid
+        format_line("SUBPROCESS_WORKER", "model-y ready", now=at(t), pid=5151, create_time="12.5"),
+        format_line("SUBPROC_PRE", "model-y", now=at(t + 1)),
     ]
     assert [(m, pid, ct) for m, _ts, pid, ct in pair_breadcrumbs(lines)] == [
         ("model-x", 4242, None), ("model-y", 5151, 12.5)]
