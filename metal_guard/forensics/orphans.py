@@ -114,11 +114,11 @@ def pair_breadcrumbs(lines: list[str]) -> list[tuple[str, float, int | None, flo
                 pid = _int(crumb.meta.get("pid")) or _int(match.group("pid"))
                 if pid is not None:
                     identity[pid] = _float(crumb.meta.get("create_time"))
-                    ready_pid[match.group("model").strip()] = pid
+                    ready_pid[_model_key(match.group("model"))] = pid
             continue
         if crumb.tag not in ("SUBPROC_PRE", "SUBPROC_POST"):
             continue
-        model = crumb.payload.strip() or "?"
+        model = _model_key(crumb.payload)
         pid = _int(crumb.meta.get("pid"))
         if pid is None and crumb.tag == "SUBPROC_PRE":
             pid = ready_pid.get(model)  # the seed's PRE names no pid: its model's worker
@@ -143,6 +143,11 @@ def pair_breadcrumbs(lines: list[str]) -> list[tuple[str, float, int | None, flo
            for model, queue in open_pre.items() for ts, pid in queue]
     out.sort(key=lambda item: item[1])
     return out
+
+
+def _model_key(name: str) -> str:
+    """One spelling of a model in ready, PRE and POST lines (blank names pair as ``"?"``)."""
+    return name.strip() or "?"
 
 
 def scan_orphan_subproc_pre(

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from _state_attack import other_user
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import argv_visible, at, sleeping_child, wait_for, write_crumbs
 
@@ -51,6 +51,7 @@ line_forms = st.sampled_from(["modern", "legacy-ready", "pre-only", "post-other-
 @settings(max_examples=80, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(form=line_forms, model=st.text(min_size=1, max_size=30), ct_off=st.sampled_from([0.0, 0.001]))
+@example(form="legacy-ready", model=" ", ct_off=0.0)  # a blank name paired as "" vs "?" once
 def test_no_breadcrumb_makes_kill_signal_a_process_that_is_not_a_worker(
         bystander: subprocess.Popen[bytes], form: str, model: str, ct_off: float) -> None:
     pid = bystander.pid
