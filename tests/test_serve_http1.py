@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import wait_for
 
 from metal_guard.serve import http1
 from metal_guard.serve.front import FrontServer
@@ -246,9 +247,7 @@ def test_thread_cache_reuses_idle_threads() -> None:
             done.clear()
             cache.submit()
             assert done.wait(WAIT_SEC)
-            deadline = time.monotonic() + WAIT_SEC
-            while cache.idle != 1 and time.monotonic() < deadline:
-                time.sleep(0.001)
+            wait_for(lambda: cache.idle == 1, interval=0.001, what="the thread to idle")
         assert len(set(seen)) == 1, "each job got a new thread"
     finally:
         cache.close()
@@ -262,33 +261,29 @@ def test_a_burst_never_waits_for_a_busy_thread() -> None:
     try:
         for _ in range(n):
             cache.submit()
-        deadline = time.monotonic() + WAIT_SEC
-        while len(passed) < n and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: len(passed) == n, what="all jobs past the barrier")
         assert passed == [True] * n
-        while cache.idle != 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert cache.idle == 2  # the rest ended instead of idling
+        wait_for(lambda: cache.idle == 2, what="max_idle threads left idle")  # the rest ended
     finally:
         cache.close()
 
 
+def _named(name: str) -> int:
+    return sum(1 for t in threading.enumerate() if t.name == name)
+
+
 def test_idle_threads_end_after_idle_sec_and_on_close() -> None:
-    before = threading.active_count()
-    cache = ThreadCache(lambda: None, idle_sec=0.2)
+    # Counted by name: other tests' threads may start or end meanwhile.
+    cache = ThreadCache(lambda: None, idle_sec=0.2, name="cache-under-test-1")
     cache.submit()
-    deadline = time.monotonic() + WAIT_SEC
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert threading.active_count() == before and cache.idle == 0
-    cache2 = ThreadCache(lambda: None, idle_sec=WAIT_SEC)
+    wait_for(lambda: _named("cache-under-test-1") == 0, what="the idle thread to end")
+    assert cache.idle == 0
+    cache2 = ThreadCache(lambda: None, idle_sec=WAIT_SEC, name="cache-under-test-2")
     cache2.submit()
-    while cache2.idle != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: cache2.idle == 1, what="the thread to idle")
+    assert _named("cache-under-test-2") == 1
     cache2.close()
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert threading.active_count() == before
+    wait_for(lambda: _named("cache-under-test-2") == 0, what="close() to end the idle thread")
     with pytest.raises(RuntimeError):
         cache2.submit()
 
