@@ -53,6 +53,19 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture
+def drop_lock_holds() -> Iterator[None]:
+    """After the test, release any cross-process MLX lock hold it left behind (a failed test
+    must not leave the next one blocked); the lock tests use it for every test."""
+    yield
+    from metal_guard import lock as lockmod
+
+    with lockmod._COND:
+        for hold in list(lockmod._HOLDS.values()):
+            hold.lock.release(force=True)
+        lockmod._HOLDS.clear()
+
+
+@pytest.fixture
 def rdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty diagnostic-reports directory that the code under test scans."""
     d = tmp_path / "reports"

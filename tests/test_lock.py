@@ -27,6 +27,8 @@ from metal_guard.lock import (
 )
 from metal_guard.settings import get_settings
 
+pytestmark = pytest.mark.usefixtures("drop_lock_holds")
+
 HOLDER = r"""
 import signal, sys
 from metal_guard.lock import acquire_mlx_lock
@@ -67,14 +69,6 @@ except MLXLockConflict as exc:
 """
 
 
-@pytest.fixture(autouse=True)
-def _drop_holds():
-    """conftest isolates METALGUARD_HOME; this drops any hold a failed test left behind."""
-    yield
-    with lockmod._COND:
-        for hold in list(lockmod._HOLDS.values()):
-            hold.lock.release(force=True)
-        lockmod._HOLDS.clear()
 
 
 class Holder:

@@ -29,6 +29,8 @@ from metal_guard.lock import (
     release_mlx_lock,
 )
 
+pytestmark = pytest.mark.usefixtures("drop_lock_holds")
+
 HOLDER = r"""
 import sys
 from metal_guard.lock import acquire_mlx_lock
@@ -46,13 +48,6 @@ UNVERIFIED_KEYS = {"held", "verified", "held_by_this_process", "pid", "label", "
                    "claimed", "lock_path"}
 
 
-@pytest.fixture(autouse=True)
-def _drop_holds() -> Iterator[None]:
-    yield
-    with lockmod._COND:
-        for hold in list(lockmod._HOLDS.values()):
-            hold.lock.release(force=True)
-        lockmod._HOLDS.clear()
 
 
 @pytest.fixture

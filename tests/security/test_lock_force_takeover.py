@@ -26,6 +26,8 @@ from metal_guard import lock_holder
 from metal_guard.errors import MLXLockConflict
 from metal_guard.lock import acquire_mlx_lock, lock_sidecar_path, release_mlx_lock
 
+pytestmark = pytest.mark.usefixtures("drop_lock_holds")
+
 HOLDER = r"""
 import sys
 from metal_guard.lock import acquire_mlx_lock
@@ -54,13 +56,6 @@ sys.stdin.readline()
 """
 
 
-@pytest.fixture(autouse=True)
-def _drop_holds() -> Iterator[None]:
-    yield
-    with lockmod._COND:
-        for hold in list(lockmod._HOLDS.values()):
-            hold.lock.release(force=True)
-        lockmod._HOLDS.clear()
 
 
 @pytest.fixture
